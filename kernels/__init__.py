@@ -1,0 +1,48 @@
+"""Our Conv2d: forward and backward computed by our own algorithms, never torch's conv ops.
+
+Public API: `conv2d` (functional), `Conv2d` (nn.Conv2d drop-in), `algorithms()` (what each supports).
+"""
+
+from __future__ import annotations
+
+from kernels import im2col as _im2col  # noqa: F401  (registers "im2col")
+from kernels import reference as _reference  # noqa: F401  (registers "reference")
+from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, names
+from kernels.function import conv2d
+from kernels.limits import get_limits, set_limits
+from kernels.module import Conv2d
+
+try:  # Triton is optional: present on GPU hosts and in dev installs (CPU interpreter).
+    from kernels import triton_conv as _triton_conv  # noqa: F401  (registers "triton")
+except ImportError:
+    _triton_conv = None
+
+
+def algorithms() -> dict[str, dict]:
+    """{name: {"devices", "dtypes", "double_backward", "notes", "limits"}} for every registered algorithm."""
+    from kernels.base import registered
+
+    return {
+        name: {
+            "devices": list(support.devices),
+            "dtypes": list(support.dtypes),
+            "double_backward": support.double_backward,
+            "notes": support.notes,
+            "limits": dict(support.limits),
+        }
+        for name, support in ((name, algorithm.support()) for name, algorithm in registered().items())
+    }
+
+
+__all__ = [
+    "Conv2d",
+    "ConvAlgorithm",
+    "UnsupportedProblem",
+    "WorkTooLarge",
+    "algorithms",
+    "conv2d",
+    "get",
+    "get_limits",
+    "names",
+    "set_limits",
+]

@@ -1,0 +1,98 @@
+"""The interface every conv algorithm implements, and the registry that names them.
+
+An algorithm sees a batched, zero-padded problem described by a `ConvSpec`; argument handling,
+padding modes, unbatched input, memory format and autograd live once in `kernels/function.py`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.params import ConvSpec
+
+
+class UnsupportedProblem(ValueError):
+    """An algorithm cannot (or will not) run this problem; the message says why."""
+
+
+class WorkTooLarge(UnsupportedProblem):
+    """The problem exceeds a work limit (e.g. the reference algorithm's MAC limit)."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """What an algorithm can run, as reported by `kernels.algorithms()` and the service's /info."""
+
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    double_backward: bool
+    notes: str = ""
+    limits: dict = field(default_factory=dict)
+
+
+class ConvAlgorithm(ABC):
+    """One way of computing conv2d and its gradients.
+
+    Shapes: input (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW), bias (C_out,) or None,
+    grad_output (N, C_out, H_out, W_out). Any memory format may come in or go out; the caller fixes
+    the output's format. Nothing here may call torch's convolution ops: they are the oracle.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def support(self) -> Support: ...
+
+    def check(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
+        """Raise UnsupportedProblem if this algorithm will not run the problem."""
+        support = self.support()
+        if input.device.type not in support.devices:
+            raise UnsupportedProblem(f"algorithm {self.name!r} does not run on {input.device.type}; it runs on {list(support.devices)}")
+        dtype = str(input.dtype).removeprefix("torch.")
+        if dtype not in support.dtypes:
+            raise UnsupportedProblem(f"algorithm {self.name!r} does not support dtype {dtype}; it supports {list(support.dtypes)}")
+
+    @abstractmethod
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
+        """-> output (N, C_out, H_out, W_out) in input's dtype."""
+
+    @abstractmethod
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        spec: ConvSpec,
+        need_input: bool,
+        need_weight: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> (grad_input like input or None, grad_weight like weight or None)."""
+
+
+_REGISTRY: dict[str, ConvAlgorithm] = {}
+
+
+def register(algorithm: ConvAlgorithm) -> ConvAlgorithm:
+    if algorithm.name in _REGISTRY or algorithm.name == "auto":
+        raise ValueError(f"algorithm name {algorithm.name!r} is taken")
+    _REGISTRY[algorithm.name] = algorithm
+    return algorithm
+
+
+def names() -> list[str]:
+    return ["auto", *_REGISTRY]
+
+
+def get(name: str) -> ConvAlgorithm:
+    """The algorithm registered as `name` (not "auto"); ValueError listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {names()}") from None
+
+
+def registered() -> dict[str, ConvAlgorithm]:
+    return dict(_REGISTRY)

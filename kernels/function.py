@@ -1,0 +1,87 @@
+"""The one autograd Function behind `kernels.conv2d`, and the functional entry point.
+
+Everything argument-shaped is handled here once: validation (kernels/params.py), unbatched input,
+non-zero padding modes (kernels/padding.py), the output memory format, and which gradients are
+needed. The algorithm only computes zero-padded, batched conv and its gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import padding as padding_modes
+from kernels.base import ConvAlgorithm, get
+from kernels.params import ConvSpec, IntPair, PaddingArg, normalize
+from kernels.selection import resolve
+
+
+def _prefers_channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """conv2d with our own forward and backward; dispatches the math to a ConvAlgorithm."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
+        padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+        output = algorithm.forward(padded, weight, bias, run_spec)
+        ctx.save_for_backward(input, weight)
+        ctx.conv = (spec, padding_mode, algorithm, memory_format)
+        return output.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        spec, padding_mode, algorithm, memory_format = ctx.conv
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() and not algorithm.support().double_backward:
+            # create_graph=True: use an algorithm whose backward is itself differentiable.
+            algorithm = get("im2col")
+        padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+        grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
+        if grad_input is not None:
+            if padded is not input:
+                grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
+            grad_input = grad_input.contiguous(memory_format=memory_format)
+        grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) -> tuple[torch.Tensor, ConvSpec]:
+    """Non-zero padding modes are materialised here so algorithms only see zero padding."""
+    if padding_mode == "zeros" or not any(spec.padding):
+        return input, spec
+    return padding_modes.pad(input, spec.padding, padding_mode), spec.with_padding((0, 0, 0, 0))
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: PaddingArg = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    algorithm: str = "auto",
+) -> torch.Tensor:
+    """torch.nn.functional.conv2d semantics, plus nn.Conv2d's `padding_mode` and a choice of `algorithm`.
+
+    input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in/groups, kH, kW);
+    bias (C_out,) or None. Returns (N, C_out, H_out, W_out) (or (C_out, H_out, W_out)) in input's dtype,
+    channels_last when input or weight is.
+    """
+    for value, name in ((input, "input"), (weight, "weight")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"conv2d(): argument '{name}' must be Tensor, not {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"conv2d(): argument 'bias' must be Tensor or None, not {type(bias).__name__}")
+    unbatched = input.dim() == 3
+    batched = input.unsqueeze(0) if unbatched else input
+    spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
+    chosen = resolve(algorithm, batched, weight, spec)
+    channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    output = Conv2dFunction.apply(batched, weight, bias, spec, padding_mode, chosen, memory_format)
+    return output.squeeze(0) if unbatched else output

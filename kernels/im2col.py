@@ -1,0 +1,218 @@
+"""im2col + GEMM: forward as a GEMM over unfolded patches, grad_weight as a GEMM, grad_input by col2im.
+
+Layout: everything runs channels-last. A patch row for output position (n, y, x) is the
+(kH, kW, C_in/groups) block under the kernel, which in an NHWC padded input is a strided view
+(`_patches`), so unfolding is a single gather-copy and each GEMM reads contiguous memory. The
+patch matrix is built in row blocks (`_row_blocks`) so it never exceeds the workspace limit; 1x1
+stride-1 convs need no copy at all. Depthwise convs (one input channel per group) are not GEMMs:
+they run as a sum over kernel taps of per-channel multiply-adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from kernels.base import ConvAlgorithm, Support, register
+from kernels.limits import get_limits
+from kernels.params import ConvSpec
+
+
+def _padded_nhwc(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """input (N, C, H, W) -> zero-padded (N, H_pad, W_pad, C), contiguous."""
+    top, bottom, left, right = spec.padding
+    nhwc = input.permute(0, 2, 3, 1)
+    if not any(spec.padding):
+        return nhwc.contiguous()
+    batch, height, width, channels = nhwc.shape
+    padded = nhwc.new_zeros(batch, height + top + bottom, width + left + right, channels)
+    padded[:, top : top + height, left : left + width] = nhwc
+    return padded
+
+
+def _patches(padded: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int], rows: slice, out_width: int) -> torch.Tensor:
+    """View (N_b, rows, W_out, kH, kW, C) of padded (N_b, H_pad, W_pad, C): the input under each output position."""
+    (stride_h, stride_w), (dil_h, dil_w) = spec.stride, spec.dilation
+    batch_stride, row_stride, col_stride, _ = padded.stride()
+    return padded.as_strided(
+        (padded.shape[0], rows.stop - rows.start, out_width, kernel[0], kernel[1], padded.shape[3]),
+        (batch_stride, stride_h * row_stride, stride_w * col_stride, dil_h * row_stride, dil_w * col_stride, 1),
+        padded.storage_offset() + rows.start * stride_h * row_stride,
+    )
+
+
+def _row_blocks(batch: int, out_height: int, row_bytes: int) -> Iterator[tuple[slice, slice]]:
+    """(images, output rows) blocks whose patch matrix stays under the workspace limit.
+
+    Whole images are grouped while they fit; an image too big on its own is split by output rows.
+    A single output row is the smallest block, so a row wider than the limit still runs alone.
+    """
+    rows_per_block = max(1, get_limits().im2col_workspace_bytes // max(1, row_bytes))
+    if rows_per_block >= out_height:
+        images = max(1, rows_per_block // max(1, out_height))
+        for start in range(0, batch, images):
+            yield slice(start, min(batch, start + images)), slice(0, out_height)
+        return
+    for image in range(batch):
+        for start in range(0, out_height, rows_per_block):
+            yield slice(image, image + 1), slice(start, min(out_height, start + rows_per_block))
+
+
+def _grouped_columns(patches: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N_b, R, W_out, kH, kW, C) patches -> (groups, N_b*R*W_out, kH*kW*C/groups) columns."""
+    *lead, kernel_h, kernel_w, channels = patches.shape
+    if groups == 1:
+        return patches.reshape(1, -1, kernel_h * kernel_w * channels)
+    split = patches.reshape(*lead, kernel_h, kernel_w, groups, channels // groups)
+    return split.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, -1, kernel_h * kernel_w * (channels // groups))
+
+
+def _weight_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """weight (C_out, C_in/g, kH, kW) -> (groups, kH*kW*C_in/g, C_out/g), matching the column order."""
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    grouped = weight.reshape(groups, out_channels // groups, in_per_group, kernel_h, kernel_w)
+    return grouped.permute(0, 3, 4, 2, 1).reshape(groups, kernel_h * kernel_w * in_per_group, out_channels // groups)
+
+
+def _weight_from_matrix(matrix: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    """Inverse of `_weight_matrix`: (groups, kH*kW*C_in/g, C_out/g) -> (C_out, C_in/g, kH, kW)."""
+    out_channels, in_per_group, kernel_h, kernel_w = weight_shape
+    groups = matrix.shape[0]
+    grouped = matrix.reshape(groups, kernel_h, kernel_w, in_per_group, out_channels // groups)
+    return grouped.permute(0, 4, 3, 1, 2).reshape(weight_shape)
+
+
+def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
+    return groups > 1 and weight.shape[1] == 1
+
+
+def _tap_window(tensor: torch.Tensor, spec: ConvSpec, i: int, j: int, rows: int, cols: int) -> torch.Tensor:
+    """The (N, rows, cols, C) strided slice of an NHWC padded tensor that kernel tap (i, j) touches."""
+    (stride_h, stride_w), (dil_h, dil_w) = spec.stride, spec.dilation
+    return tensor[
+        :, i * dil_h : i * dil_h + stride_h * (rows - 1) + 1 : stride_h, j * dil_w : j * dil_w + stride_w * (cols - 1) + 1 : stride_w
+    ]
+
+
+class Im2col(ConvAlgorithm):
+    name = "im2col"
+
+    def support(self) -> Support:
+        return Support(
+            devices=("cpu", "cuda"),
+            dtypes=("float64", "float32", "float16", "bfloat16"),
+            double_backward=True,
+            notes="channels-last patch GEMM, chunked under a workspace cap; depthwise as tap-wise multiply-adds",
+            limits={"workspace_bytes": get_limits().im2col_workspace_bytes},
+        )
+
+    def forward(self, input, weight, bias, spec):
+        out_channels, _, kernel_h, kernel_w = weight.shape
+        out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
+        padded = _padded_nhwc(input, spec)
+        batch = padded.shape[0]
+        if _is_depthwise(weight, spec.groups):
+            output = self._depthwise_forward(padded, weight, spec, out_height, out_width)
+        else:
+            output = padded.new_empty(batch, out_height, out_width, out_channels)
+            weights = _weight_matrix(weight, spec.groups)
+            row_bytes = out_width * weights.shape[0] * weights.shape[1] * padded.element_size()
+            for images, rows in _row_blocks(batch, out_height, row_bytes):
+                patches = _patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width)
+                columns = _grouped_columns(patches, spec.groups)
+                block = output[images, rows].view(-1, out_channels)
+                if spec.groups == 1:
+                    torch.mm(columns[0], weights[0], out=block)
+                else:
+                    block.view(-1, spec.groups, out_channels // spec.groups).copy_(torch.bmm(columns, weights).transpose(0, 1))
+        if bias is not None:
+            output += bias
+        return output.permute(0, 3, 1, 2)
+
+    def _depthwise_forward(self, padded, weight, spec, out_height, out_width):
+        """padded (N, H_pad, W_pad, C) -> (N, H_out, W_out, C*m) for a channel multiplier m."""
+        groups = spec.groups
+        multiplier = weight.shape[0] // groups
+        taps = weight.reshape(groups, multiplier, weight.shape[2], weight.shape[3])
+        output = padded.new_zeros(padded.shape[0], out_height, out_width, groups, multiplier)
+        for i in range(weight.shape[2]):
+            for j in range(weight.shape[3]):
+                window = _tap_window(padded, spec, i, j, out_height, out_width).unsqueeze(-1)
+                output.addcmul_(window, taps[:, :, i, j])
+        return output.view(padded.shape[0], out_height, out_width, groups * multiplier)
+
+    def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        out_channels, _, kernel_h, kernel_w = weight.shape
+        top, _, left, _ = spec.padding
+        height, width = input.shape[2:]
+        padded = _padded_nhwc(input, spec) if need_weight else None
+        grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
+        batch, out_height, out_width, _ = grad_nhwc.shape
+        pad_shape = (batch, height + spec.padding[0] + spec.padding[1], width + spec.padding[2] + spec.padding[3], input.shape[1])
+        grad_padded = grad_nhwc.new_zeros(pad_shape) if need_input else None
+        if _is_depthwise(weight, spec.groups):
+            grad_weight = self._depthwise_backward(grad_nhwc, padded, grad_padded, weight, spec)
+        else:
+            grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
+        grad_input = None
+        if need_input:
+            grad_input = grad_padded[:, top : top + height, left : left + width].permute(0, 3, 1, 2)
+        return grad_input, grad_weight
+
+    def _gemm_backward(self, grad_nhwc, padded, grad_padded, weight, spec, need_weight):
+        groups = spec.groups
+        out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+        batch, out_height, out_width, _ = grad_nhwc.shape
+        weights = _weight_matrix(weight, groups)
+        grad_matrix = torch.zeros_like(weights) if need_weight else None
+        row_bytes = out_width * groups * weights.shape[1] * grad_nhwc.element_size()
+        for images, rows in _row_blocks(batch, out_height, row_bytes):
+            grad_block = grad_nhwc[images, rows].reshape(-1, groups, out_channels // groups).transpose(0, 1)
+            if need_weight:
+                columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
+                grad_matrix = grad_matrix + torch.bmm(columns.transpose(1, 2), grad_block)
+            if grad_padded is not None:
+                grad_columns = torch.bmm(grad_block, weights.transpose(1, 2))
+                self._col2im(grad_columns, grad_padded[images], spec, weight.shape, rows, out_width)
+        return _weight_from_matrix(grad_matrix, weight.shape) if need_weight else None
+
+    @staticmethod
+    def _col2im(grad_columns, grad_padded, spec, weight_shape, rows, out_width):
+        """Scatter-add (groups, N_b*R*W_out, kH*kW*C/g) column gradients into grad_padded (N_b, H_pad, W_pad, C)."""
+        groups = grad_columns.shape[0]
+        _, in_per_group, kernel_h, kernel_w = weight_shape
+        batch = grad_padded.shape[0]
+        block = grad_columns.reshape(groups, batch, rows.stop - rows.start, out_width, kernel_h, kernel_w, in_per_group)
+        block = block.permute(1, 2, 3, 4, 5, 0, 6).reshape(
+            batch, rows.stop - rows.start, out_width, kernel_h, kernel_w, groups * in_per_group
+        )
+        stride_h = spec.stride[0]
+        shifted = grad_padded[:, rows.start * stride_h :]
+        for i in range(kernel_h):
+            for j in range(kernel_w):
+                window = _tap_window(shifted, spec, i, j, rows.stop - rows.start, out_width)
+                window += block[:, :, :, i, j]
+
+    def _depthwise_backward(self, grad_nhwc, padded, grad_padded, weight, spec):
+        groups = spec.groups
+        multiplier = weight.shape[0] // groups
+        batch, out_height, out_width, _ = grad_nhwc.shape
+        grad_split = grad_nhwc.view(batch, out_height, out_width, groups, multiplier)
+        taps = weight.reshape(groups, multiplier, weight.shape[2], weight.shape[3])
+        grad_taps = []
+        for i in range(weight.shape[2]):
+            for j in range(weight.shape[3]):
+                if padded is not None:
+                    window = _tap_window(padded, spec, i, j, out_height, out_width).unsqueeze(-1)
+                    grad_taps.append((grad_split * window).sum(dim=(0, 1, 2)))
+                if grad_padded is not None:
+                    grad_window = _tap_window(grad_padded, spec, i, j, out_height, out_width)
+                    grad_window += (grad_split * taps[:, :, i, j]).sum(dim=-1)
+        if padded is None:
+            return None
+        stacked = torch.stack(grad_taps, dim=-1).reshape(groups, multiplier, weight.shape[2], weight.shape[3])
+        return stacked.reshape(weight.shape)
+
+
+register(Im2col())
