@@ -16,7 +16,33 @@ from kernels.selection import resolve
 
 
 def _prefers_channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    """`tensor.suggest_memory_format() == torch.channels_last`, the test torch's conv uses for its output format.
+
+    It reads the stride order, so a tensor that is contiguous *and* channels_last (one channel, or a
+    (C_out, 1, kH, kW) depthwise weight, with NHWC strides) counts as channels_last, as in torch;
+    `is_contiguous(memory_format=...)` cannot tell those apart. Port of c10's
+    is_channels_last_strides_2d_s4 (an empty tensor is never channels_last).
+    """
+    if tensor.dim() != 4 or tensor.stride(1) == 0:
+        return False
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        size, stride = tensor.shape[dim], tensor.stride(dim)
+        if size == 0 or stride < smallest or (dim == 0 and smallest == tensor.stride(1)):
+            return False
+        smallest = stride * size
+    return True
+
+
+def _in_format(tensor: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """`tensor` laid out in `memory_format`, with the strides torch would give it.
+
+    `.contiguous()` is a no-op on an empty tensor (any strides count as contiguous), so an empty
+    batch would keep whatever strides the algorithm produced; nn.Conv2d's have the format's strides.
+    """
+    if tensor.numel() == 0:
+        return torch.empty_like(tensor, memory_format=memory_format)
+    return tensor.contiguous(memory_format=memory_format)
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -28,7 +54,7 @@ class Conv2dFunction(torch.autograd.Function):
         output = algorithm.forward(padded, weight, bias, run_spec)
         ctx.save_for_backward(input, weight)
         ctx.conv = (spec, padding_mode, algorithm, memory_format)
-        return output.contiguous(memory_format=memory_format)
+        return _in_format(output, memory_format)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -43,7 +69,7 @@ class Conv2dFunction(torch.autograd.Function):
         if grad_input is not None:
             if padded is not input:
                 grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
-            grad_input = grad_input.contiguous(memory_format=memory_format)
+            grad_input = _in_format(grad_input, memory_format)
         grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None
 

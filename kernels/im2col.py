@@ -4,7 +4,9 @@ Layout: everything runs channels-last. A patch row for output position (n, y, x)
 (kH, kW, C_in/groups) block under the kernel, which in an NHWC padded input is a strided view
 (`_patches`), so unfolding is a single gather-copy and each GEMM reads contiguous memory. The
 patch matrix is built in row blocks (`_row_blocks`) so it never exceeds the workspace limit; 1x1
-stride-1 convs need no copy at all. Depthwise convs (one input channel per group) are not GEMMs:
+stride-1 convs need no copy at all. grad_input is a chunked per-tap scatter of the column
+gradient, or, for few input channels per group, W^T @ grad_output folded back by F.fold in NCHW.
+Depthwise convs (one input channel per group) are not GEMMs:
 they run as a sum over kernel taps of per-channel multiply-adds.
 """
 
@@ -13,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from kernels.base import ConvAlgorithm, Support, register
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
+from kernels.precision import HALF, narrowed, widened
 
 
 def _padded_nhwc(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -95,6 +99,47 @@ def _tap_window(tensor: torch.Tensor, spec: ConvSpec, i: int, j: int, rows: int,
     ]
 
 
+# Below this many input channels per group the channels-last per-tap scatter moves rows too short
+# to be fast (the 3-channel stem: 49 taps of 3-wide rows), and F.fold's NCHW col2im wins.
+FOLD_MAX_CHANNELS = 32
+
+
+def _use_fold(input_shape: torch.Size, weight_shape: torch.Size, out_positions: int, element_size: int) -> bool:
+    """F.fold for grad_input: few channels per group, and one image's column gradient fits the workspace limit."""
+    _, in_per_group, kernel_h, kernel_w = weight_shape
+    fits = input_shape[1] * kernel_h * kernel_w * out_positions * element_size <= get_limits().im2col_workspace_bytes
+    return in_per_group < FOLD_MAX_CHANNELS and fits
+
+
+def _fold_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """grad of the padded input, (N, C_in, H_pad, W_pad) NCHW: col2im (F.fold) of W^T @ grad_output, per image block.
+
+    In NCHW each image's grad_output is already a (C_out, H_out*W_out) matrix and weight.view(C_out, -1)
+    has F.fold's (c, i, j) row order, so no transposes are needed; F.fold's col2im replaces a
+    per-tap scatter that crawls when C_in is small (the 3-channel stem: kH*kW adds of 3-wide rows).
+    Whole images are grouped while their column gradient stays under the workspace limit.
+    """
+    groups = spec.groups
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    batch, out_per_group = grad_output.shape[0], out_channels // groups
+    if batch == 0:
+        return grad_output.new_zeros(0, in_per_group * groups, *padded_hw)
+    grad = grad_output.reshape(batch, out_channels, grad_output.shape[2] * grad_output.shape[3])  # (N, C_out, L): a view for NCHW
+    matrices = weight.reshape(groups, out_per_group, in_per_group * kernel_h * kernel_w).transpose(1, 2)  # (g, C_in/g*kH*kW, C_out/g)
+    column_bytes = groups * matrices.shape[1] * grad.shape[2] * grad.element_size()
+    images = max(1, get_limits().im2col_workspace_bytes // max(1, column_bytes))
+    blocks = []
+    for start in range(0, batch, images):
+        block = grad[start : start + images]
+        columns = [
+            torch.bmm(matrices[g].expand(block.shape[0], -1, -1), block[:, g * out_per_group : (g + 1) * out_per_group])
+            for g in range(groups)
+        ]
+        columns = columns[0] if groups == 1 else torch.cat(columns, dim=1)  # (N_b, C_in*kH*kW, L), channel-major
+        blocks.append(F.fold(columns, padded_hw, (kernel_h, kernel_w), dilation=spec.dilation, padding=0, stride=spec.stride))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
 class Im2col(ConvAlgorithm):
     name = "im2col"
 
@@ -108,6 +153,8 @@ class Im2col(ConvAlgorithm):
         )
 
     def forward(self, input, weight, bias, spec):
+        if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
+            return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         padded = _padded_nhwc(input, spec)
@@ -143,6 +190,9 @@ class Im2col(ConvAlgorithm):
         return output.view(padded.shape[0], out_height, out_width, groups * multiplier)
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        if input.dtype in HALF:
+            grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
+            return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         out_channels, _, kernel_h, kernel_w = weight.shape
         top, _, left, _ = spec.padding
         height, width = input.shape[2:]
@@ -150,13 +200,17 @@ class Im2col(ConvAlgorithm):
         grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
         batch, out_height, out_width, _ = grad_nhwc.shape
         pad_shape = (batch, height + spec.padding[0] + spec.padding[1], width + spec.padding[2] + spec.padding[3], input.shape[1])
-        grad_padded = grad_nhwc.new_zeros(pad_shape) if need_input else None
-        if _is_depthwise(weight, spec.groups):
+        depthwise = _is_depthwise(weight, spec.groups)
+        folded = need_input and not depthwise and _use_fold(input.shape, weight.shape, out_height * out_width, grad_output.element_size())
+        grad_padded = grad_nhwc.new_zeros(pad_shape) if need_input and not folded else None
+        if depthwise:
             grad_weight = self._depthwise_backward(grad_nhwc, padded, grad_padded, weight, spec)
         else:
             grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
         grad_input = None
-        if need_input:
+        if folded:
+            grad_input = _fold_grad_input(grad_output, weight, spec, pad_shape[1:3])[:, :, top : top + height, left : left + width]
+        elif need_input:
             grad_input = grad_padded[:, top : top + height, left : left + width].permute(0, 3, 1, 2)
         return grad_input, grad_weight
 

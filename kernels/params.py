@@ -79,9 +79,11 @@ def resolve_padding(
             return (0, 0, 0, 0)
         if padding == "same":
             if stride != (1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions")
+                # RuntimeError, as F.conv2d raises (nn.Conv2d's constructor raises ValueError before we run).
+                raise RuntimeError("padding='same' is not supported for strided convolutions")
             return same_padding(kernel_size, dilation)
-        raise ValueError(f"Invalid padding string: {padding!r}, expected 'same', 'valid' or ints")
+        # RuntimeError, as F.conv2d raises (nn.Conv2d's constructor raises ValueError before we run).
+        raise RuntimeError(f"Invalid padding string: {padding!r}, expected 'same', 'valid' or ints")
     pad_h, pad_w = pair(padding, "padding")
     return (pad_h, pad_h, pad_w, pad_w)
 
@@ -153,6 +155,9 @@ def normalize(
             f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
             f"({span[0]} x {span[1]}). Kernel size can't be greater than actual input size"
         )
+    if input.numel() == 0 and input.shape[0] and input.shape[1]:
+        # torch runs an empty batch (or zero channels) but refuses an empty image, even when padding would make room.
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}")
     if padding_mode != "zeros" and any(pads):
         check_mode_padding(padding_mode, pads, in_height, in_width)
     return ConvSpec(stride_hw, pads, dilation_hw, groups)

@@ -1,0 +1,176 @@
+"""What a device worker runs for /forward and /backward: ours, then the oracle, then the parity report.
+
+Both functions take a checked `Problem` and the worker's device, and return CPU tensors plus reports;
+they run on the worker's thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from app import parity
+from app.errors import InvalidField, TooLarge
+from app.problem import Problem
+from kernels.base import UnsupportedProblem, WorkTooLarge
+from kernels.params import normalize
+from kernels.selection import resolve
+from kernels.tolerances import tolerance
+
+Conv = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Outcome:
+    """Returned tensors (CPU) by response field, the algorithm that ran, the parity report, timings in ms."""
+
+    tensors: dict[str, torch.Tensor | None]
+    algorithm: str
+    parity: dict | None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stand_in(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A tensor with `tensor`'s shape and dtype on `device` that holds one element (expanded), for checks."""
+    if tensor is None:
+        return None
+    return torch.empty(1, dtype=tensor.dtype, device=device).expand(tensor.shape)
+
+
+def _chosen_algorithm(problem: Problem, device: torch.device) -> str:
+    """The algorithm "auto" resolves to, so the response can name it (kernels.conv2d does not say)."""
+    options = problem.options
+    input, weight, bias = (_stand_in(t, device) for t in (problem.input, problem.weight, problem.bias))
+    batched = input if input.dim() == 4 else input.unsqueeze(0)
+    spec = normalize(batched, weight, bias, options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
+    try:
+        return resolve(options.algorithm, batched, weight, spec).name
+    except WorkTooLarge as error:
+        raise TooLarge(str(error)) from None
+    except UnsupportedProblem as error:
+        raise InvalidField("algorithm", f"{error}; see GET /info for what each algorithm supports") from None
+
+
+def _ours(algorithm: str) -> Conv:
+    def conv(input, weight, bias, stride, padding, dilation, groups, padding_mode):
+        return kernels.conv2d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
+
+    return conv
+
+
+def _conv_args(problem: Problem) -> tuple:
+    options = problem.options
+    return (options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
+
+
+def _forward_pass(conv: Conv, problem: Problem, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    input, weight, bias = (None if t is None else t.to(device=device, dtype=dtype) for t in (problem.input, problem.weight, problem.bias))
+    with torch.inference_mode():
+        return conv(input, weight, bias, *_conv_args(problem))
+
+
+def _backward_pass(conv: Conv, problem: Problem, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """Gradients of the request's loss (or of <output, grad_output>) w.r.t. input, weight and bias."""
+    leaves = [
+        None if t is None else t.to(device=device, dtype=dtype).detach().requires_grad_()
+        for t in (problem.input, problem.weight, problem.bias)
+    ]
+    with torch.enable_grad():
+        output = conv(*leaves, *_conv_args(problem))
+        if problem.grad_output is not None:
+            output.backward(problem.grad_output.to(device=device, dtype=dtype))
+        elif problem.options.loss == "mean_square":
+            output.square().mean().backward()
+        else:
+            output.sum().backward()
+    input, weight, bias = leaves
+    return {
+        "grad_input": input.grad,
+        "grad_weight": weight.grad,
+        "grad_bias": bias.grad if bias is not None else None,
+        "output": output.detach(),
+    }
+
+
+def _timed(device: torch.device, run: Callable[[], object]) -> tuple[object, float]:
+    _sync(device)
+    start = time.perf_counter()
+    result = run()
+    _sync(device)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def _report(problem: Problem, ours: dict[str, torch.Tensor | None], reference: dict[str, torch.Tensor | None], exact: dict | None) -> dict:
+    options = problem.options
+    default_atol, default_rtol = tolerance(problem.dtype)
+    atol = default_atol if options.atol is None else options.atol
+    rtol = default_rtol if options.rtol is None else options.rtol
+    tensors = {name: parity.compare(value, reference[name], atol, rtol) for name, value in ours.items() if value is not None}
+    report = {
+        "ok": all(entry["allclose"] for entry in tensors.values()),
+        "reference": parity.REFERENCE,
+        "atol": atol,
+        "rtol": rtol,
+        "tensors": tensors,
+        "exact": None,
+    }
+    if exact is not None:
+        report["exact"] = {
+            "reference": parity.EXACT_REFERENCE,
+            "tensors": {
+                name: {
+                    "ours": parity.exact_errors(value, exact[name], atol),
+                    "torch": parity.exact_errors(reference[name], exact[name], atol),
+                }
+                for name, value in ours.items()
+                if value is not None
+            },
+        }
+    return report
+
+
+def _run(
+    problem: Problem, device: torch.device, pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object], select: Callable
+) -> Outcome:
+    """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU."""
+    options = problem.options
+    cpu = torch.device("cpu")
+    with parity.tf32(options.allow_tf32):
+        algorithm = _chosen_algorithm(problem, device)
+        ours_raw, compute_ms = _timed(device, lambda: pass_(_ours(algorithm), problem, device, problem.dtype))
+        ours = select(ours_raw)
+        report, reference_ms = None, 0.0
+        if options.parity:
+            reference_raw, reference_ms = _timed(device, lambda: pass_(parity.reference_conv, problem, device, problem.dtype))
+            exact = select(pass_(parity.reference_conv, problem, cpu, torch.float64)) if options.exact else None
+            report = _report(problem, ours, select(reference_raw), exact)
+    tensors = {name: None if value is None else value.cpu() for name, value in ours.items()}
+    return Outcome(tensors, algorithm, report, {"compute": compute_ms, "reference": reference_ms})
+
+
+def run_forward(problem: Problem, device: torch.device) -> Outcome:
+    return _run(problem, device, _forward_pass, lambda output: {"output": output})
+
+
+def run_backward(problem: Problem, device: torch.device) -> Outcome:
+    keep = ("grad_input", "grad_weight", "grad_bias", *(("output",) if problem.options.return_output else ()))
+    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep})
+
+
+def warm_up(device: torch.device) -> None:
+    """A small forward + backward with "auto" and the reference, so the first request pays no start-up cost."""
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(2, 4, 8, 8, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(4, 4, 3, 3, generator=generator).to(device).requires_grad_()
+    kernels.conv2d(input, weight, None, 1, 1).square().mean().backward()
+    parity.reference_conv(input, weight, None, 1, 1, 1, 1, "zeros").sum().backward()
+    _sync(device)

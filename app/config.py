@@ -1,0 +1,64 @@
+"""Settings: one object, read once from CONV_* environment variables, that refuses bad values at start-up."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """Every field is CONV_<NAME> in the environment (e.g. CONV_MAX_BODY_BYTES=1048576)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONV_", case_sensitive=False, extra="ignore")
+
+    host: str = Field("127.0.0.1", min_length=1, description="Interface to bind; the container sets 0.0.0.0.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    device: str = Field("auto", description='Device for requests that say "device": "auto": auto (CUDA when present), cpu, cuda, cuda:N.')
+    max_body_bytes: int = Field(64 * MiB, ge=1024, description="Largest request body; more is refused with 413 before it is read.")
+    max_tensor_elements: int = Field(1 << 24, ge=1, description="Largest element count of any one tensor in a request (413 above).")
+    max_macs: int = Field(
+        10_000_000_000, ge=1, description="Largest multiply-accumulates per request: forward MACs, x3 for /backward (413 above)."
+    )
+    reference_max_macs: int = Field(
+        50_000_000, ge=1, description='MAC limit of algorithm "reference", the slow ground-truth loop (413 above).'
+    )
+    workspace_bytes: int = Field(256 * MiB, ge=MiB, description="Cap on im2col's patch buffer; larger problems are computed in chunks.")
+    queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Deadline per request, from arrival to answer (504 past it).")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503.")
+    parse_processes: int = Field(1, ge=0, le=64, description="Helper processes that parse bodies of 1 MiB or more (0: parse in threads).")
+    warmup: bool = Field(True, description="Run a small conv on each device at start-up before /readyz turns 200.")
+    log_level: LogLevel = Field("info", description="uvicorn and app log level.")
+    api_key: SecretStr | None = Field(None, description="When set, /forward and /backward need Authorization: Bearer <key>.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"CONV_DEVICE must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty CONV_API_KEY= would otherwise mean "auth on with an empty key".
+        return value if value is not None and value.get_secret_value() else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,91 @@
+"""Route dependencies: settings, workers, the API key, and the JSON body read under the size cap."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import Settings
+from app.errors import DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
+from app.metrics import Metrics
+from app.parsing import BodyParser
+from app.worker import DeviceWorker
+
+
+def get_settings_from_app(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_workers(request: Request) -> dict[str, DeviceWorker]:
+    return request.app.state.workers
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_parser(request: Request) -> BodyParser:
+    return request.app.state.parser
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+WorkersDep = Annotated[dict[str, DeviceWorker], Depends(get_workers)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ParserDep = Annotated[BodyParser, Depends(get_parser)]
+
+_bearer = HTTPBearer(auto_error=False, description="Required when the server has CONV_API_KEY set")
+
+
+def require_api_key(settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """401 unless CONV_API_KEY is unset or `Authorization: Bearer <key>` matches it (constant-time)."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, expected):
+        raise Unauthorized("missing or wrong API key: send Authorization: Bearer <CONV_API_KEY>", headers={"WWW-Authenticate": "Bearer"})
+
+
+ApiKey = Depends(require_api_key)
+
+
+def _check_headers(request: Request, max_body_bytes: int) -> None:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'none'!r}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed (identity)")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise MalformedBody(f"Content-Length must be a non-negative integer, got {declared!r}")
+        if int(declared) > max_body_bytes:
+            raise TooLarge(f"the body is {int(declared):,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
+
+
+async def _read_capped(request: Request, max_body_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise TooLarge(f"the body exceeds the limit of {max_body_bytes:,} bytes (CONV_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, settings: Settings, deadline: float) -> bytes:
+    """The request's bytes, with 415 for other media types, 413 past max_body_bytes (declared or streamed)
+    without reading the rest, and 504 when the client is too slow to send it."""
+    _check_headers(request, settings.max_body_bytes)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await _read_capped(request, settings.max_body_bytes)
+    except TimeoutError:
+        raise DeadlineExceeded("the request body did not arrive within the request deadline") from None

@@ -1,0 +1,99 @@
+"""Prometheus metrics: requests by endpoint / status / algorithm, latency, queue depth, in-flight, device memory.
+
+Each app has its own registry (tests build many apps in one process). Counters and histograms are
+fed by `MetricsMiddleware`; gauges that describe the workers are read when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterable
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.worker import DeviceWorker
+
+ENDPOINTS = ("/forward", "/backward", "/healthz", "/readyz", "/info", "/metrics")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "conv_requests", "HTTP requests by endpoint, status and algorithm", ["endpoint", "status", "algorithm"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "conv_request_duration_seconds",
+            "Request latency, arrival to last byte",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "conv_stage_duration_seconds", "Time per stage of compute requests", ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.in_flight = Gauge("conv_in_flight_requests", "Compute requests being handled now", registry=self.registry)
+        self.queue_depth = Gauge("conv_queue_depth", "Jobs waiting for a device", ["device"], registry=self.registry)
+        self.busy = Gauge("conv_device_busy", "1 while the device worker is running a job", ["device"], registry=self.registry)
+        self.dropped = Gauge(
+            "conv_jobs_dropped", "Queued jobs dropped without running (deadline or client gone)", ["device"], registry=self.registry
+        )
+        self.memory = Gauge(
+            "conv_device_memory_bytes", "Device memory: CUDA allocated / reserved, CPU peak RSS", ["device", "kind"], registry=self.registry
+        )
+
+    def observe_stages(self, timing_ms: dict[str, float]) -> None:
+        for stage, milliseconds in timing_ms.items():
+            if stage != "total":
+                self.stage.labels(stage).observe(milliseconds / 1e3)
+
+    def render(self, workers: Iterable[DeviceWorker]) -> bytes:
+        for worker in workers:
+            self.queue_depth.labels(worker.name).set(worker.queue_depth)
+            self.busy.labels(worker.name).set(1 if worker.busy else 0)
+            self.dropped.labels(worker.name).set(worker.dropped)
+            if worker.device.type == "cuda":
+                self.memory.labels(worker.name, "allocated").set(torch.cuda.memory_allocated(worker.device))
+                self.memory.labels(worker.name, "reserved").set(torch.cuda.memory_reserved(worker.device))
+            else:
+                # ru_maxrss is KiB on Linux.
+                self.memory.labels(worker.name, "peak_rss").set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request; routes put the algorithm that ran in request.state.algorithm."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        compute = endpoint in ("/forward", "/backward")
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if compute:
+            self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            if compute:
+                self.metrics.in_flight.dec()
+            algorithm = scope.get("state", {}).get("algorithm", "")
+            self.metrics.requests.labels(endpoint, str(status["code"]), algorithm).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

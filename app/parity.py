@@ -1,0 +1,108 @@
+"""The oracle: nn.Conv2d's own math, and how far our results are from it.
+
+This is the only module that calls torch's convolution. `reference_conv` is what nn.Conv2d computes
+(`_conv_forward`): for a non-zero padding mode, F.pad(mode) then F.conv2d with zero padding (asymmetric
+for "same" with an even kernel), else F.conv2d with the padding as given. The optional exact oracle is
+the same math in float64 on the CPU, against which both ours and torch's results are measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from app.codec import json_number
+
+REFERENCE = "torch.nn.functional.conv2d"
+EXACT_REFERENCE = "torch.nn.functional.conv2d in float64 on cpu"
+
+
+@contextmanager
+def tf32(allowed: bool) -> Iterator[None]:
+    """TF32 for matmul and cuDNN conv, as the request says, for both ours and the reference; restored after.
+
+    The flags are process-wide; device workers run one job each, so on a multi-GPU host two workers
+    could overlap here. Each sets the same flags from its own request, which is right unless two
+    requests with different allow_tf32 run at the same instant on different GPUs.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _mode_padding(padding: int | list[int] | str, weight: torch.Tensor, dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """F.pad's (left, right, top, bottom) for nn.Conv2d's non-zero padding modes.
+
+    Written from nn.Conv2d's own rule rather than taken from kernels/params.py, so the oracle does
+    not share code with what it checks.
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        sides: list[int] = []
+        for kernel, dil in zip(reversed(weight.shape[2:]), reversed(dilation)):
+            total = dil * (kernel - 1)
+            sides += [total // 2, total - total // 2]
+        return (sides[0], sides[1], sides[2], sides[3])
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+def _pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def reference_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | list[int],
+    padding: int | list[int] | str,
+    dilation: int | list[int],
+    groups: int,
+    padding_mode: str,
+) -> torch.Tensor:
+    """nn.Conv2d(..., padding_mode)'s forward: input (N, C_in, H, W) or (C_in, H, W) -> output of the same rank."""
+    stride_hw, dilation_hw = _pair(stride), _pair(dilation)
+    if padding_mode != "zeros":
+        padded = F.pad(input, _mode_padding(padding, weight, dilation_hw), mode=padding_mode)
+        return F.conv2d(padded, weight, bias, stride_hw, 0, dilation_hw, groups)
+    conv_padding = padding if isinstance(padding, str) else _pair(padding)
+    return F.conv2d(input, weight, bias, stride_hw, conv_padding, dilation_hw, groups)
+
+
+def errors(result: torch.Tensor, expected: torch.Tensor, atol: float) -> tuple[float, float]:
+    """(max |result - expected|, max |result - expected| / |expected| over |expected| > atol), in float64.
+
+    The relative error skips elements no larger than atol: near zero it measures only the cancellation
+    in the sum, which the absolute error already reports. Equal values count as no error, non-finite
+    ones included (NaN where both are NaN); a non-finite value on one side only is an infinite error.
+    """
+    if result.numel() == 0:
+        return 0.0, 0.0
+    ours, exact = result.detach().double(), expected.detach().double()
+    same = (ours == exact) | (ours.isnan() & exact.isnan())
+    difference = (ours - exact).abs().masked_fill(same, 0.0).nan_to_num(nan=torch.inf)
+    magnitude = exact.abs()
+    relative = torch.where(magnitude > atol, difference / magnitude, 0.0)
+    relative = relative.nan_to_num(nan=torch.inf).masked_fill(same, 0.0)
+    return difference.max().item(), relative.max().item()
+
+
+def compare(result: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> dict:
+    """One entry of parity.tensors: max errors and torch.allclose(result, expected, rtol, atol, equal_nan=True)."""
+    max_abs, max_rel = errors(result, expected, atol)
+    close = torch.allclose(result.detach().double(), expected.detach().double(), rtol=rtol, atol=atol, equal_nan=True)
+    return {"max_abs_err": json_number(max_abs), "max_rel_err": json_number(max_rel), "allclose": bool(close)}
+
+
+def exact_errors(result: torch.Tensor, exact: torch.Tensor, atol: float) -> dict:
+    max_abs, max_rel = errors(result.cpu(), exact, atol)
+    return {"max_abs_err": json_number(max_abs), "max_rel_err": json_number(max_rel)}

@@ -1,0 +1,170 @@
+"""A request body -> a validated `Problem`: options checked, tensors decoded, shapes and limits checked.
+
+Everything here runs before any device work, so a client mistake is a 4xx that names its field:
+shapes are checked with kernels' own rules (`kernels.params.normalize` on meta tensors, which
+allocate nothing), and work is counted in MACs against the limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+import kernels
+from app.codec import DTYPE_NAMES, DTYPES, decode_tensor
+from app.config import Settings
+from app.errors import InvalidField, InvalidFields, TooLarge
+from app.schemas import BackwardOptions, ForwardOptions
+from kernels.limits import macs
+from kernels.params import normalize
+
+# Which JSON field a kernels/torch-style argument error is about, by the first phrase its message has.
+_BLAME = (
+    ("padding_mode", "padding_mode"),
+    ("padding=", "padding"),
+    ("Invalid padding", "padding"),
+    ("negative padding", "padding"),
+    ("Padding", "padding"),
+    ("padding", "padding"),
+    ("Kernel size", "weight"),
+    ("stride", "stride"),
+    ("dilation", "dilation"),
+    ("divisible by", "groups"),
+    ("channels", "input"),
+    ("bias", "bias"),
+    ("weight", "weight"),
+    ("input", "input"),
+)
+
+
+@dataclass
+class Problem:
+    """A checked request: CPU tensors already in the compute dtype, the device to run on, its work in MACs."""
+
+    options: ForwardOptions
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grad_output: torch.Tensor | None
+    dtype: torch.dtype
+    device: str
+    macs: int
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+def _options(body: dict, model: type[ForwardOptions], tensor_fields: tuple[str, ...]) -> ForwardOptions:
+    try:
+        return model.model_validate({key: value for key, value in body.items() if key not in tensor_fields})
+    except ValidationError as error:
+        raise InvalidFields(_field_errors(error, model)) from None
+
+
+def _field_errors(error: ValidationError, model: type[ForwardOptions]) -> list[dict]:
+    """pydantic's errors, one entry per field: a union's alternatives are joined, the allowed values added."""
+    by_field: dict[str, dict] = {}
+    for entry in error.errors(include_url=False):
+        field = str(entry["loc"][0]) if entry["loc"] else ""
+        merged = by_field.setdefault(field, {"type": entry["type"], "loc": ["body", field] if field else ["body"], "msg": []})
+        if entry["msg"] not in merged["msg"]:
+            merged["msg"].append(entry["msg"])
+    for field, merged in by_field.items():
+        info = model.model_fields.get(field)
+        allowed = f" (allowed: {info.description})" if info is not None and info.description else ""
+        merged["msg"] = f"{field}: {'; or '.join(merged['msg'])}{allowed}" if field else "; ".join(merged["msg"])
+    return list(by_field.values())
+
+
+def resolve_device(requested: str, default: str, available: list[str]) -> str:
+    """ "auto" -> the server's default; "cuda" -> "cuda:0"; 422 when the device is not on this host."""
+    name = default if requested == "auto" else requested
+    name = "cuda:0" if name == "cuda" else name
+    if name not in available:
+        raise InvalidField("device", f"device {requested!r} is not available here; allowed: {['auto', *available]}")
+    return name
+
+
+def _check_algorithm(name: str, device: str, dtype: torch.dtype) -> None:
+    if name == "auto":
+        return
+    support = kernels.algorithms()[name]
+    device_type = device.split(":")[0]
+    if device_type not in support["devices"]:
+        raise InvalidField(
+            "algorithm", f"algorithm {name!r} runs on {support['devices']}, not {device_type}; use 'auto' or another from GET /info"
+        )
+    if DTYPE_NAMES[dtype] not in support["dtypes"]:
+        raise InvalidField("algorithm", f"algorithm {name!r} supports dtypes {support['dtypes']}, not {DTYPE_NAMES[dtype]}")
+
+
+def _blame(message: str) -> str:
+    for phrase, field in _BLAME:
+        if phrase in message:
+            return field
+    return "weight"
+
+
+def _output_shape(options: ForwardOptions, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...]:
+    """Validate the conv arguments with kernels' rules on meta tensors; -> the output's shape."""
+    batched = input if input.dim() == 4 else input.unsqueeze(0)
+    meta = [tensor.to("meta") if tensor is not None else None for tensor in (batched, weight, bias)]
+    try:
+        spec = normalize(meta[0], meta[1], meta[2], options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise InvalidField(_blame(str(error)), str(error)) from None
+    out_height, out_width = spec.output_size(batched.shape[2], batched.shape[3], weight.shape[2], weight.shape[3])
+    shape = (batched.shape[0], weight.shape[0], out_height, out_width)
+    return shape if input.dim() == 4 else shape[1:]
+
+
+def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[str], default_device: str) -> Problem:
+    """Body (parsed JSON) -> Problem; raises the 4xx ApiErrors. Runs off the event loop (it converts tensors)."""
+    if not isinstance(body, dict):
+        raise InvalidField((), f"the body must be a JSON object, got {type(body).__name__}")
+    tensor_fields = ("input", "weight", "bias", "grad_output") if backward else ("input", "weight", "bias")
+    options = _options(body, BackwardOptions if backward else ForwardOptions, tensor_fields)
+    device = resolve_device(options.device, default_device, devices)
+    for required in ("input", "weight"):
+        if body.get(required) is None:
+            raise InvalidField(required, f"{required} is required: nested lists or {{shape, dtype, data | b64}}", kind="missing")
+    list_dtype = DTYPES[options.dtype] if options.dtype else torch.float32
+    limit = settings.max_tensor_elements
+
+    def decode(field: str, ranks: tuple[int, ...]) -> torch.Tensor | None:
+        value = body.get(field)
+        return None if value is None else decode_tensor(value, field, list_dtype=list_dtype, ranks=ranks, max_elements=limit)
+
+    input = decode("input", (3, 4))
+    weight = decode("weight", (4,))
+    bias = decode("bias", (1,))
+    grad_output = decode("grad_output", (3, 4)) if backward else None
+    assert input is not None and weight is not None
+    dtype = DTYPES[options.dtype] if options.dtype else input.dtype
+    input, weight = input.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    grad_output = grad_output.to(dtype) if grad_output is not None else None
+    _check_algorithm(options.algorithm, device, dtype)
+
+    output_shape = _output_shape(options, input, weight, bias)
+    if grad_output is not None and tuple(grad_output.shape) != output_shape:
+        raise InvalidField("grad_output", f"grad_output must have the output's shape {list(output_shape)}, got {list(grad_output.shape)}")
+    output_elements = torch.Size(output_shape).numel()
+    if output_elements > limit:
+        raise TooLarge(
+            f"the output would have {output_elements:,} elements (shape {list(output_shape)}); the limit is {limit:,} per tensor (CONV_MAX_TENSOR_ELEMENTS)"
+        )
+    forward_macs = macs(output_elements, 1, 1, 1, *weight.shape[1:])
+    work = forward_macs * (3 if backward else 1)
+    if work > settings.max_macs:
+        raise TooLarge(f"this request needs {work:,} multiply-accumulates; the limit is {settings.max_macs:,} (CONV_MAX_MACS)")
+    if options.algorithm == "reference" and forward_macs > settings.reference_max_macs:
+        raise TooLarge(
+            f"algorithm 'reference' is limited to {settings.reference_max_macs:,} MACs (CONV_REFERENCE_MAX_MACS); "
+            f"this problem needs {forward_macs:,}: use 'auto' or 'im2col'"
+        )
+    return Problem(options, input, weight, bias, grad_output, dtype, device, work)

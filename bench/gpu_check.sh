@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU check for the "triton" algorithm, in one short run on a CUDA host: the CUDA test subset, then
+# bench/bench_gpu.py (triton and im2col vs cuDNN on ResNet-50 shapes). Uses only what the host already
+# has (python3 with torch and triton; pytest if present): no venv, no pip, no network.
+#
+#   bash bench/gpu_check.sh [results.md]        # default results/gpu_check.md (and $OUT/ if OUT is set)
+#
+# Time: made to finish in under 6 minutes on an H100. The tests run without autotuning
+# (CONV_TRITON_AUTOTUNE=0: one config per kernel, far fewer compiles) under TEST_SECONDS; the benchmark
+# starts no new shape after BENCH_BUDGET seconds and is killed at BENCH_SECONDS. Whatever was cut is
+# printed, not hidden.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=${1:-results/gpu_check.md}
+PYTHON=${PYTHON:-python3}
+TEST_SECONDS=${TEST_SECONDS:-120}
+BENCH_BUDGET=${BENCH_BUDGET:-170}
+BENCH_SECONDS=${BENCH_SECONDS:-220}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+start=$SECONDS
+
+"$PYTHON" - <<'EOF' || { echo "gpu_check: torch/triton/CUDA not usable here"; exit 1; }
+import torch, triton
+assert torch.cuda.is_available(), "no CUDA device"
+print(f"gpu_check: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+EOF
+
+status=0
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    echo "== CUDA tests (every algorithm's parity on cuda, triton in float32/float16/bfloat16; ${TEST_SECONDS}s cap)"
+    # test_triton first: it is what this check is for; then the shared parity grid on cuda.
+    CONV_TRITON_AUTOTUNE=0 timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=20 -k cuda \
+        tests/kernels/test_triton.py tests/kernels/test_parity.py
+    rc=$?
+    case $rc in
+        0) echo "== CUDA tests: passed" ;;
+        124) echo "== CUDA tests: cut off after ${TEST_SECONDS}s (not all ran)"; status=1 ;;
+        5) echo "== CUDA tests: none selected" ;;
+        *) echo "== CUDA tests: FAILED (pytest exit $rc)"; status=1 ;;
+    esac
+else
+    echo "== pytest is not installed here: skipping the CUDA tests (the benchmark still records each provider's error vs cuDNN)"
+fi
+
+echo "== benchmark (${BENCH_BUDGET}s budget for new shapes, killed at ${BENCH_SECONDS}s)"
+timeout "$BENCH_SECONDS" "$PYTHON" -m bench.bench_gpu --results "$RESULTS" --budget "$BENCH_BUDGET"
+rc=$?
+if [ $rc -ne 0 ]; then
+    echo "== benchmark: exit $rc (124 = killed by the time cap)"
+    status=1
+fi
+echo "== gpu_check done in $((SECONDS - start))s; results: $RESULTS${OUT:+ and $OUT/$(basename "$RESULTS")}"
+exit $status

@@ -1,0 +1,177 @@
+"""Forward conv as an implicit GEMM: no patch matrix, the input tile is gathered straight from the input.
+
+GEMM view, per group g: output[M, N] = patches[M, K] @ weight[N, K]^T with
+M = N_img * H_out * W_out (one row per output pixel), N = C_out/g, K = kH * kW * C_in/g ordered
+(kh, kw, c). A row of `patches` is the input under the kernel at that pixel; zero padding is a
+load mask, so nothing is padded in memory. With a channels-last input the K tile reads C_in
+contiguously, which is why the launcher converts to channels_last. The weight is stored (N, K),
+K contiguous (the channels-last weight layout): both dot operands are K-major, the layout Hopper's
+wgmma needs for TF32 and the cheapest one for 16-bit types.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_tuning import bench_options, configs, jit, prune
+
+
+def _extents(args: dict) -> dict[str, int]:
+    per_tap = args["in_per_group"] * (args["kernel_h"] * args["kernel_w"] if args["FLAT_K"] else 1)
+    return {"BLOCK_M": args["rows"], "BLOCK_N": args["out_per_group"], "BLOCK_K": per_tap}
+
+
+@triton.autotune(
+    configs=configs(),
+    key=["rows", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "stride_h", "stride_w"],
+    prune_configs_by=prune(_extents),
+    **bench_options(),
+)
+@jit
+def _fwd_kernel(
+    input_ptr,  # input (N, H, W, C_in), addressed through the in_stride_* below
+    weight_ptr,  # weight (groups, C_out/g, kH*kW*C_in/g), contiguous, K ordered (kh, kw, c): K-major B tiles
+    bias_ptr,  # bias (C_out,); unused (any pointer) when HAS_BIAS is False
+    output_ptr,  # output (N, H_out, W_out, C_out), contiguous
+    rows,  # N * H_out * W_out
+    height,
+    width,
+    out_height,
+    out_width,
+    in_per_group,
+    out_per_group,
+    out_channels,
+    kernel_h,
+    kernel_w,
+    in_stride_n,
+    in_stride_h,
+    in_stride_w,
+    in_stride_c,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    HAS_BIAS: tl.constexpr,
+    FLAT_K: tl.constexpr,  # walk K as one flattened (tap, channel) axis: for C_in/g below one K tile
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32" (ignored for 16-bit inputs)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order (tutorial 03) so consecutive programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    tiles_m = tl.cdiv(rows, BLOCK_M)
+    tiles_n = tl.cdiv(out_per_group, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < rows
+    col_ok = offs_n < out_per_group
+    pixels = out_height * out_width
+    image = offs_m // pixels
+    pixel = offs_m % pixels
+    top_row = (pixel // out_width) * stride_h - pad_top
+    left_col = (pixel % out_width) * stride_w - pad_left
+    # int64: N * H * W * C may pass 2**31; offsets inside one image stay int32.
+    image_ptr = input_ptr + image.to(tl.int64) * in_stride_n + (group * in_per_group).to(tl.int64) * in_stride_c
+    # Input address = pixel part (per row) + (tap, channel) part (per column): one add per element.
+    pixel_ptr = image_ptr + top_row * in_stride_h + left_col * in_stride_w
+    reduction = kernel_h * kernel_w * in_per_group
+    weight_ptr += group.to(tl.int64) * reduction * out_per_group
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        for k0 in range(0, reduction, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < reduction
+            tap = offs_k // in_per_group
+            tap_row = (tap // kernel_w) * dil_h
+            tap_col = (tap % kernel_w) * dil_w
+            k_offset = tap_row * in_stride_h + tap_col * in_stride_w + (offs_k % in_per_group) * in_stride_c
+            in_row = top_row[:, None] + tap_row[None, :]
+            in_col = left_col[:, None] + tap_col[None, :]
+            inside = (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width)
+            a_mask = row_ok[:, None] & k_ok[None, :] & inside
+            a_ptrs = pixel_ptr[:, None] + k_offset[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = weight_ptr + offs_k[:, None] + offs_n[None, :] * reduction
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # One loop over (tap, channel block) so the software pipeline sees kH*kW*C/BLOCK_K steps.
+        channel_blocks = tl.cdiv(in_per_group, BLOCK_K)
+        for step in range(0, kernel_h * kernel_w * channel_blocks):
+            tap = step // channel_blocks
+            offs_c = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            c_ok = offs_c < in_per_group
+            tap_row = (tap // kernel_w) * dil_h
+            tap_col = (tap % kernel_w) * dil_w
+            in_row = top_row + tap_row
+            in_col = left_col + tap_col
+            pixel_ok = row_ok & (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width)
+            a_ptrs = pixel_ptr[:, None] + (tap_row * in_stride_h + tap_col * in_stride_w + offs_c * in_stride_c)[None, :]
+            a = tl.load(a_ptrs, mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
+            b_ptrs = weight_ptr + (tap * in_per_group + offs_c)[:, None] + offs_n[None, :] * reduction
+            b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    channel_out = group * out_per_group + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel_out, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = output_ptr + offs_m.to(tl.int64)[:, None] * out_channels + channel_out[None, :]
+    tl.store(out_ptrs, acc.to(output_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size: tuple[int, int], flat_k: bool, precision: str) -> None:
+    """Launch: input (N, H, W, C_in) strided, weight_matrix (g, C_out/g, kH*kW*C_in/g), output (N, H_out, W_out, C_out).
+
+    Grid: (output-pixel tiles x C_out/g tiles, groups).
+    """
+    batch, height, width, in_channels = input_nhwc.shape
+    _, out_height, out_width, out_channels = output_nhwc.shape
+    groups = spec.groups
+    rows = batch * out_height * out_width
+    out_per_group = out_channels // groups
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_per_group, meta["BLOCK_N"]), groups)
+
+    stride_n, stride_h, stride_w, stride_c = input_nhwc.stride()
+    _fwd_kernel[grid](
+        input_nhwc,
+        weight_matrix,
+        bias if bias is not None else weight_matrix,
+        output_nhwc,
+        rows,
+        height,
+        width,
+        out_height,
+        out_width,
+        in_channels // groups,
+        out_per_group,
+        out_channels,
+        kernel_size[0],
+        kernel_size[1],
+        stride_n,
+        stride_h,
+        stride_w,
+        stride_c,
+        spec.stride[0],
+        spec.stride[1],
+        spec.padding[0],
+        spec.padding[2],
+        spec.dilation[0],
+        spec.dilation[1],
+        HAS_BIAS=bias is not None,
+        FLAT_K=flat_k,
+        PRECISION=precision,
+    )

@@ -1,0 +1,242 @@
+"""grad_weight as an implicit GEMM reduced over output pixels, split-K into an fp32 workspace.
+
+GEMM view, per group g: grad_weight[M, N] = patches[P, M]^T @ grad_output[P, N] with
+M = kH * kW * C_in/g ordered (kh, kw, c), N = C_out/g and the reduction over P = N_img * H_out * W_out.
+P is large and M * N small, so P is split into `splits` contiguous chunks, each program writes its
+partial tile to workspace[split] (plain stores, no atomics), and `_sum_splits_kernel` adds the
+splits in index order. Same shapes -> same splits -> same order of additions: bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_tuning import bench_options, configs, interpreting, jit, prune
+
+
+def _extents(args: dict) -> dict[str, int]:
+    per_tap = args["in_per_group"] * (args["kernel_h"] * args["kernel_w"] if args["FLAT_K"] else 1)
+    return {"BLOCK_M": per_tap, "BLOCK_N": args["out_per_group"], "BLOCK_K": args["rows_per_split"]}
+
+
+@triton.autotune(
+    configs=configs(),
+    key=["rows_per_split", "splits", "in_per_group", "out_per_group", "kernel_h", "kernel_w"],
+    prune_configs_by=prune(_extents),
+    **bench_options(),
+)
+@jit
+def _grad_weight_kernel(
+    input_ptr,  # input (N, H, W, C_in), addressed through the in_stride_* below
+    grad_output_ptr,  # grad_output (N, H_out, W_out, C_out), addressed through the go_stride_* below
+    workspace_ptr,  # float32 (splits, groups, kH*kW*C_in/g, C_out/g), contiguous; every element written
+    rows,  # N * H_out * W_out: the reduction length
+    rows_per_split,
+    splits,
+    height,
+    width,
+    out_height,
+    out_width,
+    in_per_group,
+    out_per_group,
+    kernel_h,
+    kernel_w,
+    in_stride_n,
+    in_stride_h,
+    in_stride_w,
+    in_stride_c,
+    go_stride_n,
+    go_stride_h,
+    go_stride_w,
+    go_stride_c,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    FLAT_K: tl.constexpr,  # tile M over the flattened (tap, channel) axis: for C_in/g below one tile
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # over kH*kW*C_in/g (flat) or C_in/g within one tap
+    BLOCK_N: tl.constexpr,  # over C_out/g
+    BLOCK_K: tl.constexpr,  # over output pixels
+    GROUP_M: tl.constexpr,  # unused: the grid here is small enough that tile order does not matter
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
+    reduction = kernel_h * kernel_w * in_per_group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < out_per_group
+    if FLAT_K:
+        offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        k_ok = offs_k < reduction
+        tap = offs_k // in_per_group
+        channel = offs_k % in_per_group
+    else:
+        channel_blocks = tl.cdiv(in_per_group, BLOCK_M)
+        tap = pid_m // channel_blocks
+        channel = (pid_m % channel_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k_ok = channel < in_per_group
+        offs_k = tap * in_per_group + channel
+    tap_row = (tap // kernel_w) * dil_h - pad_top
+    tap_col = (tap % kernel_w) * dil_w - pad_left
+    # Input address = pixel part + (tap, channel) part: one add per tile element in the loop.
+    k_offset = tap_row * in_stride_h + tap_col * in_stride_w + channel * in_stride_c
+    input_ptr += (group * in_per_group).to(tl.int64) * in_stride_c
+    grad_output_ptr += (group * out_per_group).to(tl.int64) * go_stride_c
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = split * rows_per_split
+    end = min(start + rows_per_split, rows)
+    pixels = out_height * out_width
+    for p0 in range(start, end, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = offs_p < end
+        image = (offs_p // pixels).to(tl.int64)
+        out_row = (offs_p % pixels) // out_width
+        out_col = (offs_p % pixels) % out_width
+        pixel_row = out_row * stride_h
+        pixel_col = out_col * stride_w
+        pixel_offset = image * in_stride_n + pixel_row * in_stride_h + pixel_col * in_stride_w
+        # Patches^T tile (BLOCK_M taps/channels, BLOCK_K pixels); zero padding is the mask. Per tap
+        # (not flat) the bounds depend on the pixel only.
+        if FLAT_K:
+            in_row = pixel_row[None, :] + tap_row[:, None]
+            in_col = pixel_col[None, :] + tap_col[:, None]
+        else:
+            in_row = pixel_row[None, :] + tap_row
+            in_col = pixel_col[None, :] + tap_col
+        inside = (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width)
+        a_ptrs = input_ptr + pixel_offset[None, :] + k_offset[:, None]
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & p_ok[None, :] & inside, other=0.0)
+        go_offsets = image * go_stride_n + out_row * go_stride_h + out_col * go_stride_w
+        b_ptrs = grad_output_ptr + go_offsets[:, None] + offs_n[None, :] * go_stride_c
+        b = tl.load(b_ptrs, mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    groups = tl.num_programs(2) // splits
+    tile_base = (split * groups + group).to(tl.int64) * reduction * out_per_group
+    ws_ptrs = workspace_ptr + tile_base + offs_k[:, None] * out_per_group + offs_n[None, :]
+    tl.store(ws_ptrs, acc, mask=k_ok[:, None] & col_ok[None, :])
+
+
+@jit
+def _sum_splits_kernel(
+    workspace_ptr,  # float32 (splits, groups, kH*kW, C_in/g, C_out/g), contiguous
+    grad_weight_ptr,  # grad_weight (C_out, C_in/g, kH, kW), contiguous, in the weight's dtype
+    splits,
+    size,  # groups * kH*kW * C_in/g * C_out/g
+    taps,
+    in_per_group,
+    out_per_group,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    split_ptrs = workspace_ptr + offs
+    for _ in range(0, splits):
+        acc += tl.load(split_ptrs, mask=mask, other=0.0)
+        split_ptrs += size
+    out_channel = offs % out_per_group
+    in_channel = (offs // out_per_group) % in_per_group
+    tap = (offs // (out_per_group * in_per_group)) % taps
+    group = offs // (out_per_group * in_per_group * taps)
+    dst = ((group * out_per_group + out_channel) * in_per_group + in_channel) * taps + tap
+    tl.store(grad_weight_ptr + dst, acc.to(grad_weight_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(rows: int, tiles: int, device: torch.device, max_splits: int = 256) -> tuple[int, int]:
+    """(splits, rows_per_split): enough programs to fill the GPU, a fixed function of the shapes.
+
+    `tiles` is the number of output tiles per split at the nominal 64 x 64 tile; `max_splits` keeps a
+    grid axis that multiplies splits by something else under CUDA's 65535 limit.
+    """
+    if interpreting():
+        # Small chunks so the CPU tests exercise several splits on small shapes.
+        rows_per_split = max(32, triton.cdiv(rows, 4))
+    else:
+        programs = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        splits = max(1, min(256, max_splits, triton.cdiv(programs, tiles), triton.cdiv(rows, 1024)))
+        rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 128) * 128
+    rows_per_split = max(1, rows_per_split)
+    return triton.cdiv(rows, rows_per_split), rows_per_split
+
+
+def conv_grad_weight(
+    input_nhwc, grad_output_nhwc, spec, weight_shape: torch.Size, dtype: torch.dtype, flat_k: bool, precision: str
+) -> torch.Tensor:
+    """Launch: input (N, H, W, C_in) and grad_output (N, H_out, W_out, C_out), both strided.
+
+    Returns grad_weight (C_out, C_in/g, kH, kW) in `dtype`. Grid: (K tiles, C_out/g tiles, groups x splits).
+    """
+    batch, height, width, in_channels = input_nhwc.shape
+    _, out_height, out_width, out_channels = grad_output_nhwc.shape
+    groups = spec.groups
+    in_per_group, out_per_group = in_channels // groups, out_channels // groups
+    kernel_h, kernel_w = weight_shape[2], weight_shape[3]
+    reduction = kernel_h * kernel_w * in_per_group
+    rows = batch * out_height * out_width
+    tiles = triton.cdiv(reduction, 64) * triton.cdiv(out_per_group, 64) * groups
+    splits, rows_per_split = choose_splits(rows, tiles, input_nhwc.device, max_splits=65535 // groups)
+    workspace = torch.empty(splits, groups, reduction, out_per_group, device=input_nhwc.device, dtype=torch.float32)
+
+    def grid(meta):
+        if flat_k:
+            tiles_m = triton.cdiv(reduction, meta["BLOCK_M"])
+        else:
+            tiles_m = kernel_h * kernel_w * triton.cdiv(in_per_group, meta["BLOCK_M"])
+        return (tiles_m, triton.cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
+
+    _grad_weight_kernel[grid](
+        input_nhwc,
+        grad_output_nhwc,
+        workspace,
+        rows,
+        rows_per_split,
+        splits,
+        height,
+        width,
+        out_height,
+        out_width,
+        in_per_group,
+        out_per_group,
+        kernel_h,
+        kernel_w,
+        *input_nhwc.stride(),
+        *grad_output_nhwc.stride(),
+        spec.stride[0],
+        spec.stride[1],
+        spec.padding[0],
+        spec.padding[2],
+        spec.dilation[0],
+        spec.dilation[1],
+        FLAT_K=flat_k,
+        PRECISION=precision,
+    )
+    return sum_splits(workspace.view(splits, groups, kernel_h * kernel_w, in_per_group, out_per_group), weight_shape, dtype)
+
+
+def sum_splits(workspace: torch.Tensor, weight_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """float32 workspace (splits, groups, kH*kW, C_in/g, C_out/g) -> grad_weight (C_out, C_in/g, kH, kW) in `dtype`.
+
+    The splits are added in index order, then laid out and cast in the same pass. Grid: element blocks.
+    """
+    splits, _, taps, in_per_group, out_per_group = workspace.shape
+    grad_weight = torch.empty(weight_shape, device=workspace.device, dtype=dtype)
+    size = grad_weight.numel()
+    block = 1024
+    grid = (triton.cdiv(size, block),)
+    _sum_splits_kernel[grid](workspace, grad_weight, splits, size, taps, in_per_group, out_per_group, BLOCK=block)
+    return grad_weight

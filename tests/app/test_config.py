@@ -1,0 +1,57 @@
+"""app/config.py: CONV_* variables, defaults, and bad values refused at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.main import create_app
+
+
+def test_defaults(monkeypatch) -> None:
+    for name in ("CONV_HOST", "CONV_PORT", "CONV_API_KEY", "CONV_DEVICE", "CONV_MAX_BODY_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "auto")
+    assert settings.max_body_bytes == 64 * 1024 * 1024 and settings.api_key is None
+
+
+def test_environment(monkeypatch) -> None:
+    monkeypatch.setenv("CONV_PORT", "9001")
+    monkeypatch.setenv("CONV_MAX_MACS", "1234")
+    monkeypatch.setenv("CONV_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("CONV_API_KEY", "s3cret")
+    settings = Settings()
+    assert (settings.port, settings.max_macs, settings.log_level) == (9001, 1234, "warning")
+    assert settings.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(settings)
+
+
+def test_empty_api_key_means_no_auth(monkeypatch) -> None:
+    monkeypatch.setenv("CONV_API_KEY", "")
+    assert Settings().api_key is None
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("CONV_PORT", "0"),
+        ("CONV_PORT", "70000"),
+        ("CONV_PORT", "http"),
+        ("CONV_DEVICE", "tpu"),
+        ("CONV_MAX_BODY_BYTES", "-1"),
+        ("CONV_QUEUE_SIZE", "0"),
+        ("CONV_REQUEST_TIMEOUT_S", "0"),
+        ("CONV_LOG_LEVEL", "loud"),
+        ("CONV_MAX_TENSOR_ELEMENTS", "0"),
+    ],
+)
+def test_bad_values_are_refused(monkeypatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("CONV_").lower()):
+        Settings()
+
+
+def test_absent_device_is_refused_at_start_up() -> None:
+    with pytest.raises(ValueError, match="CONV_DEVICE"):
+        create_app(Settings(device="cuda:99"))

@@ -1,0 +1,231 @@
+"""A real uvicorn on loopback, driven with httpx.AsyncClient: the seed end to end, encodings, errors, load, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import httpx
+import orjson
+import pytest
+import torch
+
+from tests.app.helpers import from_json, nn_conv_grads, seed_body, seed_problem, to_json
+from tests.integration.conftest import API_KEY
+
+pytestmark = pytest.mark.anyio
+
+ENCODINGS = ["list", "flat", "base64"]
+KEY = {"authorization": f"Bearer {API_KEY}"}
+
+
+def close(actual, expected) -> None:
+    torch.testing.assert_close(from_json(actual), expected, atol=1e-6, rtol=1e-5)
+
+
+async def post(url: str, path: str, body, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+        return await client.post(path, json=body, headers=headers)
+
+
+async def test_seed_notebook_example_end_to_end(plain) -> None:
+    """The notebook: x (2, 1, 3, 3), Conv2d(1, 2, 3, padding=1); forward, then y.square().mean() backward."""
+    x, conv = seed_problem()
+    expected = nn_conv_grads(x, conv, loss="mean_square")
+    forward = await post(plain.url, "/forward", seed_body(x, conv))
+    assert forward.status_code == 200, forward.text
+    close(forward.json()["output"], expected["output"])
+    assert forward.json()["parity"]["ok"]
+    backward = await post(plain.url, "/backward", seed_body(x, conv, loss="mean_square"))
+    assert backward.status_code == 200, backward.text
+    result = backward.json()
+    for name in ("grad_input", "grad_weight", "grad_bias"):
+        close(result[name], expected[name])
+    assert result["parity"]["ok"] and set(result["parity"]["tensors"]) == {"grad_input", "grad_weight", "grad_bias"}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_every_encoding(plain, encoding: str) -> None:
+    x, conv = seed_problem(3)
+    grad_output = torch.randn(2, 2, 3, 3)
+    expected = nn_conv_grads(x, conv, grad_output=grad_output)
+    forward = (await post(plain.url, "/forward", seed_body(x, conv, encoding))).json()
+    close(forward["output"], expected["output"])
+    body = seed_body(x, conv, encoding, grad_output=to_json(grad_output, encoding), return_output=True)
+    backward = (await post(plain.url, "/backward", body)).json()
+    for name in ("output", "grad_input", "grad_weight", "grad_bias"):
+        close(backward[name], expected[name])
+        if encoding != "list":
+            assert backward[name]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean_square"])
+async def test_backward_without_grad_output(plain, loss: str) -> None:
+    x, conv = seed_problem(4)
+    expected = nn_conv_grads(x, conv, loss=loss)
+    result = (await post(plain.url, "/backward", seed_body(x, conv, loss=loss))).json()
+    for name in ("grad_input", "grad_weight", "grad_bias"):
+        close(result[name], expected[name])
+
+
+async def test_non_finite_round_trip(plain) -> None:
+    x, conv = seed_problem()
+    x[0, 0, 1, 1] = float("nan")
+    result = (await post(plain.url, "/forward", seed_body(x, conv, "flat"))).json()
+    assert "NaN" in result["output"]["data"] and result["parity"]["ok"]
+
+
+async def test_32_concurrent_requests(plain) -> None:
+    problems = [seed_problem(seed) for seed in range(32)]
+    async with httpx.AsyncClient(base_url=plain.url, timeout=60) as client:
+        responses = await asyncio.gather(*(client.post("/forward", json=seed_body(x, conv)) for x, conv in problems))
+    for (x, conv), response in zip(problems, responses):
+        assert response.status_code == 200, response.text
+        close(response.json()["output"], conv(x).detach())
+
+
+async def test_healthz_stays_prompt_while_a_big_body_is_handled(plain) -> None:
+    """/healthz keeps answering while a ~13 MB body is read, parsed, computed and a list response encoded.
+
+    On a loaded 2-core machine absolute latencies vary, so the bound is relative: no /healthz waits
+    for more than a fraction of the big request, and several complete while it runs.
+    """
+    x = torch.randn(16, 64, 56, 56)
+    body = orjson.dumps({"input": to_json(x, "base64"), "weight": to_json(torch.randn(8, 64, 3, 3), "base64"), "encoding": "list"})
+    async with httpx.AsyncClient(base_url=plain.url, timeout=120) as client:
+        assert (await client.get("/healthz")).status_code == 200  # the connection for the probes is open
+        started = time.perf_counter()
+        big = asyncio.create_task(client.post("/forward", content=body, headers={"content-type": "application/json"}))
+        latencies = []
+        while not big.done():
+            start = time.perf_counter()
+            assert (await client.get("/healthz")).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.02)
+        assert (await big).status_code == 200
+        elapsed = time.perf_counter() - started
+    assert len(latencies) > 3 and max(latencies) < max(0.5, elapsed / 3), (elapsed, sorted(latencies)[-5:])
+
+
+ERRORS = [
+    # (server, path, raw body or JSON, headers, status, words in the detail)
+    pytest.param("plain", "/forward", b'{"input": [', {"content-type": "application/json"}, 400, "not valid JSON", id="400-json"),
+    pytest.param(
+        "plain",
+        "/forward",
+        {"input": {"shape": [1, 1, 3, 3], "b64": "*" * 48}, "weight": [[[[1.0]]]]},
+        {},
+        400,
+        "base64",
+        id="400-base64",
+    ),
+    pytest.param("strict", "/forward", {"input": [[[[1.0]]]], "weight": [[[[1.0]]]]}, {}, 401, "API key", id="401"),
+    pytest.param(
+        "strict",
+        "/forward",
+        b"[" + b"0.0," * 1_200_000 + b"0.0]",
+        {**KEY, "content-type": "application/json"},
+        413,
+        "CONV_MAX_BODY_BYTES",
+        id="413-body",
+    ),
+    pytest.param(
+        "plain",
+        "/forward",
+        {"input": {"shape": [4096, 4096, 2], "b64": ""}, "weight": [[[[1.0]]]]},
+        {},
+        413,
+        "CONV_MAX_TENSOR_ELEMENTS",
+        id="413-elements",
+    ),
+    pytest.param(
+        "plain",
+        "/backward",
+        {"input": {"shape": [64, 256, 64, 64], "b64": ""}, "weight": {"shape": [256, 256, 3, 3], "b64": ""}},
+        {},
+        413,
+        "CONV_MAX_TENSOR_ELEMENTS",
+        id="413-elements-first",
+    ),
+    pytest.param("plain", "/forward", b"{}", {"content-type": "text/plain"}, 415, "application/json", id="415"),
+    pytest.param("plain", "/forward", {"input": [[1.0]], "weight": [[[[1.0]]]]}, {}, 422, "input", id="422-rank"),
+    pytest.param("plain", "/forward", {"input": [[[[1.0]]]], "weight": [[[[1.0]]]], "groups": 2}, {}, 422, "groups", id="422-groups"),
+    pytest.param(
+        "plain", "/forward", {"input": [[[[1.0]]]], "weight": [[[[1.0]]]], "padding_mode": "x"}, {}, 422, "padding_mode", id="422-name"
+    ),
+]
+
+
+@pytest.mark.parametrize("server, path, payload, headers, status, words", ERRORS)
+async def test_error_classes(servers, server: str, path: str, payload, headers: dict, status: int, words: str) -> None:
+    async with httpx.AsyncClient(base_url=servers[server].url, timeout=30) as client:
+        if isinstance(payload, bytes):
+            response = await client.post(path, content=payload, headers=headers)
+        else:
+            response = await client.post(path, json=payload, headers=headers)
+    assert response.status_code == status, response.text
+    assert words in str(response.json()["detail"])
+
+
+async def test_413_streamed_body(strict) -> None:
+    async def chunks():
+        for _ in range(100):
+            yield b" " * 65536
+
+    async with httpx.AsyncClient(base_url=strict.url, timeout=30) as client:
+        response = await client.post("/forward", content=chunks(), headers={**KEY, "content-type": "application/json"})
+    assert response.status_code == 413 and "CONV_MAX_BODY_BYTES" in response.json()["detail"]
+
+
+def heavy_body(seed: int, **fields) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(4, 32, 48, 48, generator=generator), torch.randn(32, 32, 3, 3, generator=generator)
+    return {"input": to_json(x, "base64"), "weight": to_json(w, "base64"), "padding": 1, "encoding": "base64", **fields}
+
+
+async def test_503_when_the_queue_is_full(strict) -> None:
+    async with httpx.AsyncClient(base_url=strict.url, timeout=60, headers=KEY) as client:
+        responses = await asyncio.gather(*(client.post("/backward", json=heavy_body(seed)) for seed in range(8)))
+    statuses = sorted(response.status_code for response in responses)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    refused = next(response for response in responses if response.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["detail"]
+
+
+async def test_504_past_the_deadline(plain) -> None:
+    response = await post(plain.url, "/backward", heavy_body(0, timeout_s=0.001))
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
+
+
+async def test_api_key_on_and_off(plain, strict) -> None:
+    x, conv = seed_problem()
+    assert (await post(plain.url, "/forward", seed_body(x, conv))).status_code == 200
+    assert (await post(strict.url, "/forward", seed_body(x, conv))).status_code == 401
+    assert (await post(strict.url, "/forward", seed_body(x, conv), {"authorization": "Bearer nope"})).status_code == 401
+    assert (await post(strict.url, "/forward", seed_body(x, conv), KEY)).status_code == 200
+    async with httpx.AsyncClient(base_url=strict.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/info")).json()["auth"] is True
+
+
+async def test_base64_survives_the_wire_bit_for_bit(plain) -> None:
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    result = (
+        await post(
+            plain.url,
+            "/forward",
+            {"input": to_json(x, "base64"), "weight": to_json(torch.ones(1, 1, 1, 1, dtype=torch.float64), "base64"), "encoding": "base64"},
+        )
+    ).json()
+    assert base64.b64decode(result["output"]["b64"]) == x.numpy().tobytes()
+
+
+async def test_zz_no_server_error_was_ever_answered(servers) -> None:
+    """Runs last in this module: no request above got a 5xx other than the documented 503 / 504 / 507."""
+    for server in servers.values():
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            metrics = (await client.get("/metrics")).text
+        statuses = {line.split('status="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("conv_requests_total{")}
+        assert statuses and not {status for status in statuses if status.startswith("5")} - {"503", "504", "507"}, statuses
+        assert server.process.poll() is None, server.log_tail()

@@ -1,0 +1,20 @@
+"""Fixtures for the kernel tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="package", autouse=True)
+def single_thread():
+    """Run the kernel tests on one intra-op thread, then restore the count.
+
+    Every problem here is tiny; with several OpenMP threads on a 2-core runner shared with other
+    jobs, threads spin-wait on each other and every op gets ~10x slower (measured: 34 s vs 3.5 s
+    of CPU time for the parity grid).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,117 @@
+"""The registry: what `kernels.algorithms()` reports, clean refusals, and the reference's work limit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import kernels
+from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, make_inputs, our_conv, refusal
+
+FLOAT_DTYPES = {str(dtype).removeprefix("torch.") for dtype in DTYPES}
+
+
+def test_names_are_auto_then_registered():
+    names = kernels.names()
+    assert names[0] == "auto"
+    assert sorted(names[1:]) == sorted(kernels.algorithms())
+    assert {"reference", "im2col"} <= set(names)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.algorithms()))
+def test_algorithms_reports_devices_and_dtypes(name):
+    support = kernels.algorithms()[name]
+    assert set(support) == {"devices", "dtypes", "double_backward", "notes", "limits"}
+    assert support["devices"] and set(support["devices"]) <= {"cpu", "cuda"}
+    assert support["dtypes"] and set(support["dtypes"]) <= FLOAT_DTYPES
+    assert isinstance(support["double_backward"], bool)
+    assert isinstance(support["notes"], str) and support["notes"]
+    assert isinstance(support["limits"], dict)
+
+
+@pytest.mark.parametrize("name", ["reference", "im2col"])
+def test_core_algorithms_run_everywhere_in_every_float_dtype(name):
+    support = kernels.algorithms()[name]
+    assert set(support["devices"]) == {"cpu", "cuda"}
+    assert set(support["dtypes"]) == FLOAT_DTYPES
+    assert support["double_backward"] is True
+
+
+def test_reported_limits_follow_set_limits(restore_limits):
+    kernels.set_limits(reference_max_macs=1234, im2col_workspace_bytes=4096)
+    assert kernels.algorithms()["reference"]["limits"] == {"max_macs": 1234}
+    assert kernels.algorithms()["im2col"]["limits"] == {"workspace_bytes": 4096}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_runs_a_fair_share_of_the_grid(algorithm):
+    # Refused cases are skipped in the parity grid; this keeps a refusal bug from skipping everything.
+    runnable = [case.id for case in CASES if refusal(case, algorithm) is None]
+    assert len(runnable) >= 8, f"{algorithm} runs only {runnable}"
+
+
+def test_auto_on_cpu_never_refuses_the_grid():
+    for case in CASES:
+        for dtype in DTYPES:
+            input, weight, bias = make_inputs(case, dtype, "cpu")
+            assert our_conv(case, input, weight, bias, "auto").dtype == dtype
+
+
+REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]
+
+
+@pytest.mark.parametrize(("case", "algorithm"), REFUSALS or [pytest.param(None, None, marks=pytest.mark.skip(reason="no refusals"))])
+def test_refusal_is_a_clean_unsupported_problem(case, algorithm):
+    input, weight, bias = make_inputs(case, torch.float32, "cpu")
+    with pytest.raises(kernels.UnsupportedProblem, match=algorithm) as error:
+        our_conv(case, input, weight, bias, algorithm)
+    assert str(error.value) == refusal(case, algorithm, torch.float32)
+
+
+@pytest.fixture
+def restore_limits():
+    saved = kernels.get_limits()
+    yield
+    kernels.set_limits(reference_max_macs=saved.reference_max_macs, im2col_workspace_bytes=saved.im2col_workspace_bytes)
+    assert kernels.get_limits() == saved
+
+
+BIG = Case("big", in_channels=64, out_channels=64, batch=8, size=(64, 64), padding=1)  # 8*64*64*64*64*9 ~ 1.2e9 MACs
+
+
+def test_reference_refuses_big_work_fast():
+    input = torch.empty(BIG.input_shape())
+    weight = torch.empty(BIG.weight_shape())
+    started = time.perf_counter()
+    with pytest.raises(kernels.WorkTooLarge, match="MACs") as error:
+        kernels.conv2d(input, weight, padding=1, algorithm="reference")
+    assert time.perf_counter() - started < 0.5, "the refusal must come before any work"
+    assert isinstance(error.value, kernels.UnsupportedProblem) and isinstance(error.value, ValueError)
+    assert f"{kernels.get_limits().reference_max_macs:,}" in str(error.value)
+
+
+def test_set_limits_moves_the_reference_limit(restore_limits):
+    case = Case("small", in_channels=2, out_channels=2, batch=1, size=(4, 4))  # N*C_out*H_out*W_out*C_in*kH*kW = 1*2*2*2*2*9 = 144 MACs
+    input, weight, bias = make_inputs(case, torch.float64, "cpu")
+    assert our_conv(case, input, weight, bias, "reference").shape == (1, 2, 2, 2)
+    kernels.set_limits(reference_max_macs=143)
+    with pytest.raises(kernels.WorkTooLarge, match="143"):
+        our_conv(case, input, weight, bias, "reference")
+    kernels.set_limits(reference_max_macs=144)
+    assert our_conv(case, input, weight, bias, "reference").shape == (1, 2, 2, 2)
+
+
+def test_big_work_still_runs_with_auto(restore_limits):
+    # The limit is the reference's alone: auto never picks it, so a lowered limit does not refuse auto.
+    kernels.set_limits(reference_max_macs=1)
+    case = Case("small", in_channels=2, out_channels=2, batch=1, size=(4, 4))
+    input, weight, bias = make_inputs(case, torch.float64, "cpu")
+    assert our_conv(case, input, weight, bias, "auto").shape == (1, 2, 2, 2)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "10"])
+def test_set_limits_refuses_non_positive_or_non_int(value, restore_limits):
+    with pytest.raises(ValueError, match="reference_max_macs"):
+        kernels.set_limits(reference_max_macs=value)

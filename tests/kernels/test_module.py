@@ -1,0 +1,119 @@
+"""kernels.Conv2d as a drop-in for nn.Conv2d: state_dict, initialisation, repr, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from kernels.tolerances import tolerance
+from tests.kernels.cases import ALGORITHMS, Case, refusal
+
+MODULE_CONFIGS = {
+    "int_kernel": dict(in_channels=3, out_channels=4, kernel_size=3),
+    "tuple_everything": dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2),
+    "same_even_no_bias": dict(in_channels=3, out_channels=2, kernel_size=(2, 4), padding="same", bias=False),
+    "depthwise_reflect": dict(in_channels=3, out_channels=6, kernel_size=3, groups=3, padding=1, padding_mode="reflect"),
+    "circular_valid": dict(in_channels=2, out_channels=2, kernel_size=2, padding="valid", padding_mode="circular"),
+    "replicate": dict(in_channels=2, out_channels=3, kernel_size=3, padding=2, padding_mode="replicate"),
+    "pointwise": dict(in_channels=4, out_channels=2, kernel_size=1),
+}
+
+
+def as_case(config: dict) -> Case:
+    kernel = config["kernel_size"]
+    return Case(
+        "module",
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        kernel_size=(kernel, kernel) if isinstance(kernel, int) else kernel,
+        **{key: config[key] for key in ("stride", "padding", "dilation", "groups", "bias", "padding_mode") if key in config},
+        size=(6, 7),
+    )
+
+
+def module_grid() -> list:
+    params = []
+    for name, config in MODULE_CONFIGS.items():
+        for algorithm in ALGORITHMS:
+            why = refusal(as_case(config), algorithm)
+            params.append(pytest.param(config, algorithm, id=f"{name}-{algorithm}", marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
+
+
+@pytest.mark.parametrize(("config", "algorithm"), module_grid())
+def test_state_dict_round_trip_gives_same_outputs_and_gradients(config, algorithm):
+    torch.manual_seed(0)
+    theirs = nn.Conv2d(**config).double()
+    ours = kernels.Conv2d(**config, algorithm=algorithm).double()
+    state = theirs.state_dict()
+    assert ours.load_state_dict(state) is not None  # strict: raises on missing / unexpected keys
+    assert list(ours.state_dict()) == list(state)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+    input = torch.randn(2, config["in_channels"], 6, 7, dtype=torch.float64)
+    expected, actual = theirs(input), ours(input)
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    grad_output = torch.randn_like(expected)
+    expected.backward(grad_output)
+    actual.backward(grad_output)
+    for name, parameter in theirs.named_parameters():
+        torch.testing.assert_close(
+            ours.get_parameter(name).grad, parameter.grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}.grad: {m}"
+        )
+
+
+@pytest.mark.parametrize("config", MODULE_CONFIGS.values(), ids=MODULE_CONFIGS.keys())
+def test_same_initialisation_when_seeded_alike(config):
+    torch.manual_seed(1234)
+    theirs = nn.Conv2d(**config)
+    torch.manual_seed(1234)
+    ours = kernels.Conv2d(**config)
+    assert torch.equal(ours.weight, theirs.weight)
+    assert (ours.bias is None) == (theirs.bias is None)
+    if theirs.bias is not None:
+        assert torch.equal(ours.bias, theirs.bias)
+    # Not vacuous: a different seed gives different weights.
+    torch.manual_seed(4321)
+    assert not torch.equal(kernels.Conv2d(**config).weight, theirs.weight)
+
+
+@pytest.mark.parametrize("config", MODULE_CONFIGS.values(), ids=MODULE_CONFIGS.keys())
+def test_repr_matches_nn_conv2d_for_auto(config):
+    assert repr(kernels.Conv2d(**config)) == repr(nn.Conv2d(**config))
+    assert kernels.Conv2d(**config).extra_repr() == nn.Conv2d(**config).extra_repr()
+
+
+@pytest.mark.parametrize("algorithm", [name for name in ALGORITHMS if name != "auto"])
+def test_repr_names_a_chosen_algorithm(algorithm):
+    text = repr(kernels.Conv2d(3, 4, 3, algorithm=algorithm))
+    assert text == repr(nn.Conv2d(3, 4, 3))[:-1] + f", algorithm={algorithm})"
+
+
+def test_int_kernel_size_is_a_square_kernel():
+    module = kernels.Conv2d(3, 5, 2)
+    assert module.kernel_size == (2, 2)
+    assert module.weight.shape == (5, 3, 2, 2)
+    assert module(torch.randn(1, 3, 4, 4)).shape == (1, 5, 3, 3)
+
+
+def test_module_is_an_nn_conv2d_and_follows_dtype_and_device_moves():
+    module = kernels.Conv2d(2, 2, 3, padding=1).to(torch.float64)
+    assert isinstance(module, nn.Conv2d)
+    output = module(torch.randn(2, 4, 4, dtype=torch.float64))  # unbatched
+    assert output.shape == (2, 4, 4) and output.dtype == torch.float64
+
+
+def test_module_uses_our_conv_not_torchs():
+    # The module must route through kernels.conv2d: a refused algorithm surfaces as our UnsupportedProblem.
+    module = kernels.Conv2d(2, 2, 3, algorithm="reference")
+    kernels_limits = kernels.get_limits()
+    try:
+        kernels.set_limits(reference_max_macs=1)
+        with pytest.raises(kernels.WorkTooLarge):
+            module(torch.randn(1, 2, 4, 4))
+    finally:
+        kernels.set_limits(reference_max_macs=kernels_limits.reference_max_macs)

@@ -1,0 +1,211 @@
+"""The "triton" algorithm: output and every gradient against nn.Conv2d, plus what is Triton-specific.
+
+Without CUDA the kernels run under Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), which executes every block op in numpy: shapes stay small, and each case
+is chosen to reach a distinct kernel path (flattened vs per-tap K, several M/N/K tiles, stride
+phases with no taps, several grad_weight splits). With CUDA the same grid runs on the GPU in
+float32 (IEEE: TF32 off), float16 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("triton", reason="triton is not installed: the 'triton' algorithm is not registered")
+
+import kernels  # noqa: E402
+from kernels.base import UnsupportedProblem  # noqa: E402
+from kernels.tolerances import tolerance  # noqa: E402
+from tests.kernels.cases import CASES, CUDA, Case, grads, layout_flags, make_inputs, our_conv, seeded, torch_conv  # noqa: E402
+
+if "triton" not in kernels.names():
+    pytest.skip("kernels.triton_conv failed to import", allow_module_level=True)
+
+from kernels import triton_conv  # noqa: E402
+
+INTERPRETED = "cpu" in kernels.algorithms()["triton"]["devices"]
+# aten ops that would mean torch did the convolution or its multiplies (tests/kernels/test_no_torch_conv.py
+# checks every algorithm for the first; here the stricter claim: no torch multiply at all).
+CONV_OPS = ("convolution", "conv2d", "conv_transpose", "cudnn", "mkldnn", "thnn_conv", "conv_depthwise")
+MULTIPLY_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten.mul", "aten.addcmul", "aten.dot", "aten.einsum")
+GRAD_NAMES = ("grad_input", "grad_weight", "grad_bias")
+
+# Beyond the shared grid: the paths the shared grid's 3-4 channel problems do not reach.
+TRITON_CASES = [
+    Case("stem_c3_7x7_s2", in_channels=3, out_channels=8, kernel_size=(7, 7), stride=2, padding=3, size=(12, 11)),
+    Case("per_tap_k_tiles", in_channels=40, out_channels=36, padding=1, size=(7, 6)),
+    Case("many_pixels_splits", in_channels=16, out_channels=16, padding=1, size=(10, 9)),
+    Case("stride3_dilation2", in_channels=16, out_channels=20, stride=3, dilation=2, padding=2, size=(11, 10)),
+    Case("phase_without_taps", in_channels=4, out_channels=4, stride=2, dilation=2, padding=2, size=(8, 9)),
+    Case("groups_per_tap", in_channels=32, out_channels=64, groups=2, padding=1, stride=(1, 2)),
+    Case("asymmetric_same_even", in_channels=16, out_channels=16, kernel_size=(4, 2), padding="same", size=(7, 8)),
+    Case("depthwise_stride2", in_channels=16, out_channels=16, groups=16, stride=2, padding=1, size=(9, 9)),
+    Case(
+        "depthwise_multiplier_dilated_same", in_channels=8, out_channels=16, groups=8, kernel_size=(3, 2), dilation=(2, 1), padding="same"
+    ),
+    Case("single_input_channel", in_channels=1, out_channels=8, kernel_size=(5, 5), stride=2, padding=2, size=(9, 8)),
+    Case("channels_last_per_tap", in_channels=24, out_channels=16, stride=2, padding=1, layout="channels_last"),
+]
+ALL_CASES = CASES + TRITON_CASES
+HALF_CASES = [case for case in ALL_CASES if case.id in ("basic", "stem_c3_7x7_s2", "per_tap_k_tiles", "depthwise", "channels_last")]
+
+CPU = pytest.mark.skipif(not INTERPRETED, reason="triton runs on cpu only under TRITON_INTERPRET=1")
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+
+
+class OpSpy(TorchDispatchMode):
+    """Records the name of every aten op dispatched while active ("aten.mm.default", ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def ieee_float32():
+    """nn.Conv2d and ours both in IEEE float32 (TF32 off) for the float32 tolerance; the flags are restored after.
+
+    (Plain assignment: torch's backend modules reject monkeypatch's delattr on undo.)
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda message: f"{name}: {message}")
+
+
+def check_case(case: Case, dtype: torch.dtype, device: str) -> None:
+    """Output, grad_input, grad_weight, grad_bias vs nn.Conv2d in float64 on the same rounded inputs."""
+    input, weight, bias = make_inputs(case, dtype, device)
+    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
+    output = our_conv(case, input, weight, bias, "triton")
+    same_dtype = torch_conv(case, input, weight, bias)
+    assert output.shape == same_dtype.shape
+    assert layout_flags(output) == layout_flags(same_dtype), "output memory format differs from nn.Conv2d's"
+
+    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
+    grad_output = torch.randn(exact.shape, generator=seeded(1), dtype=torch.float64).to(device, dtype)
+    assert_parity("output", output, exact, dtype)
+    for name, actual, expected in zip(GRAD_NAMES, grads(output, grad_output, leaves), grads(exact, grad_output.double(), exact_leaves)):
+        assert_parity(name, actual, expected, dtype)
+
+
+@CPU
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda case: case.id)
+def test_interpreter_float32(case):
+    check_case(case, torch.float32, "cpu")
+
+
+@CPU
+@pytest.mark.parametrize("case", HALF_CASES, ids=lambda case: case.id)
+def test_interpreter_float16(case):
+    check_case(case, torch.float16, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=GPU)])
+def test_cuda(case, dtype, device, ieee_float32):
+    check_case(case, dtype, device)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
+def test_grad_weight_is_deterministic(device):
+    """Split-K partials are summed in split order: two runs give bitwise-equal grad_weight."""
+    case = Case("splits", in_channels=8, out_channels=8, padding=1, size=(7, 6))
+    input, weight, bias = make_inputs(case, torch.float32, device)
+    grad_output = torch.randn(2, 8, 7, 6, generator=seeded(2)).to(device)
+    first = grads(our_conv(case, input, weight, bias, "triton"), grad_output, [weight])[0]
+    second = grads(our_conv(case, input, weight, bias, "triton"), grad_output, [weight])[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c.id in ("basic", "depthwise", "stem_c3_7x7_s2")], ids=lambda case: case.id)
+def test_math_runs_in_triton_not_torch(case, device):
+    """Forward and backward dispatch no torch conv op and no torch multiply: the arithmetic is in our kernels."""
+    input, weight, bias = make_inputs(case, torch.float32, device)
+    with OpSpy() as spy:
+        output = our_conv(case, input, weight, bias, "triton")
+        torch.autograd.grad(output, [input, weight, bias], torch.ones_like(output))
+    assert not [op for op in spy.ops if any(word in op for word in CONV_OPS)], f"torch conv ops in {sorted(set(spy.ops))}"
+    assert not [op for op in spy.ops if op.startswith(MULTIPLY_OPS)], f"torch multiplies in {sorted(set(spy.ops))}"
+    assert any("sum" in op for op in spy.ops), "the spy saw nothing (grad_bias's sum should be there)"
+
+
+@CPU
+def test_double_backward_falls_back_to_im2col():
+    """double_backward is False: create_graph=True differentiates through im2col's backward instead."""
+    case = Case("double", padding=1)
+    input, weight, bias = make_inputs(case, torch.float32, "cpu")
+    output = our_conv(case, input, weight, bias, "triton")
+    (grad_input,) = torch.autograd.grad(output.square().sum(), input, create_graph=True)
+    (second,) = torch.autograd.grad(grad_input.sum(), weight)
+    exact_input, exact_weight = input.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact_output = torch_conv(case, exact_input, exact_weight, bias.detach().double())
+    (exact_grad_input,) = torch.autograd.grad(exact_output.square().sum(), exact_input, create_graph=True)
+    (exact_second,) = torch.autograd.grad(exact_grad_input.sum(), exact_weight)
+    assert_parity("d(grad_input)/d(weight)", second, exact_second, torch.float32)
+
+
+def test_support_lists_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_conv.TritonConv().support().devices == ("cuda",)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    support = triton_conv.TritonConv().support()
+    assert support.devices == ("cuda", "cpu")
+    assert "float64" not in support.dtypes and "float64" in support.notes
+    assert support.double_backward is False
+
+
+@CPU
+def test_refuses_float64_and_interpreted_bfloat16():
+    algorithm = kernels.get("triton")
+    spec = kernels.params.ConvSpec((1, 1), (0, 0, 0, 0), (1, 1), 1)
+    weight = torch.zeros(2, 2, 1, 1)
+    with pytest.raises(UnsupportedProblem, match="float64"):
+        algorithm.check(torch.zeros(1, 2, 3, 3, dtype=torch.float64), weight.double(), spec)
+    with pytest.raises(UnsupportedProblem, match="bfloat16"):
+        algorithm.check(torch.zeros(1, 2, 3, 3, dtype=torch.bfloat16), weight.bfloat16(), spec)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "matmul", "cudnn", "expected"),
+    [
+        (torch.float32, "cuda", False, False, "ieee"),
+        (torch.float32, "cuda", True, False, "ieee"),
+        (torch.float32, "cuda", False, True, "ieee"),
+        (torch.float32, "cuda", True, True, "tf32"),
+        (torch.float32, "cpu", True, True, "ieee"),
+        (torch.bfloat16, "cuda", False, False, "tf32"),
+    ],
+)
+def test_tf32_is_read_from_torch_flags_at_call_time(ieee_float32, dtype, device, matmul, cudnn, expected):
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    assert triton_conv._dot_precision(dtype, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(("stride", "dilation", "kernel"), [(1, 1, 3), (2, 1, 3), (2, 2, 3), (3, 2, 5), (4, 6, 4), (2, 1, 1)])
+def test_stride_phases_partition_the_kernel_taps(stride, dilation, kernel):
+    """Every tap belongs to exactly one phase: the phase split loses and repeats no work."""
+    from kernels.triton_grad_input import _phase_taps
+
+    covered = []
+    for phase in range(stride):
+        first, step, count = _phase_taps(phase, stride, dilation, kernel)
+        taps = [first + q * step for q in range(count)]
+        assert all((tap * dilation - phase) % stride == 0 for tap in taps)
+        covered += taps
+    assert sorted(covered) == list(range(kernel))
