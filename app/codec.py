@@ -79,12 +79,17 @@ def _numbers(value: Any, field: str, dtype: torch.dtype) -> np.ndarray:
     """Nested lists or a flat list of numbers / non-finite strings -> numpy array, in C."""
     try:
         with np.errstate(over="ignore"):  # out-of-range values round to +-inf, as torch's casts do
-            return np.array(value, dtype=_NUMPY_PARSE[dtype])
+            array = np.array(value, dtype=_NUMPY_PARSE[dtype])
     except (ValueError, TypeError, OverflowError):
         raise InvalidField(
             field,
             f"{field} must be a rectangular (non-ragged) list of numbers or the strings {list(NON_FINITE)}",
         ) from None
+    # numpy reads JSON null as NaN; NaN must be asked for by name. The object-array scan runs in C, and only
+    # when there is a NaN to explain.
+    if np.isnan(array).any() and np.equal(np.array(value, dtype=object), None).any():
+        raise InvalidField(field, f"{field} holds null; write a missing value as the string \"NaN\"")
+    return array
 
 
 def _from_list(value: list, field: str, dtype: torch.dtype, ranks: Sequence[int], max_elements: int) -> torch.Tensor:
@@ -98,8 +103,11 @@ def _from_list(value: list, field: str, dtype: torch.dtype, ranks: Sequence[int]
 
 def _object_shape(value: dict, field: str) -> list[int]:
     shape = value.get("shape")
-    if not isinstance(shape, list) or any(isinstance(size, bool) or not isinstance(size, int) for size in shape):
+    if not isinstance(shape, list):
         raise InvalidField((field, "shape"), f"{field}.shape must be a list of ints, got {type(shape).__name__}")
+    wrong = next((size for size in shape if isinstance(size, bool) or not isinstance(size, int)), None)
+    if wrong is not None or None in shape:
+        raise InvalidField((field, "shape"), f"{field}.shape must be a list of ints, got an element of type {type(wrong).__name__}")
     return shape
 
 

@@ -7,7 +7,8 @@ they run on the worker's thread, never on the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -138,13 +139,33 @@ def _report(problem: Problem, ours: dict[str, torch.Tensor | None], reference: d
     return report
 
 
+# Below this much work a conv takes well under a millisecond: torch's second intra-op thread only
+# spins against the event loop for the 2 cores (measured: ~8 ms of CPU per seed-sized request).
+SINGLE_THREAD_MACS = 2_000_000
+
+
+@contextmanager
+def _intra_op_threads(problem: Problem, device: torch.device) -> Iterator[None]:
+    """One torch thread for small CPU problems, the process default otherwise; restored afterwards."""
+    default = torch.get_num_threads()
+    wanted = 1 if device.type == "cpu" and problem.macs < SINGLE_THREAD_MACS else default
+    if wanted == default:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(default)
+
+
 def _run(
     problem: Problem, device: torch.device, pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object], select: Callable
 ) -> Outcome:
     """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU."""
     options = problem.options
     cpu = torch.device("cpu")
-    with parity.tf32(options.allow_tf32):
+    with parity.tf32(options.allow_tf32), _intra_op_threads(problem, device):
         algorithm = _chosen_algorithm(problem, device)
         ours_raw, compute_ms = _timed(device, lambda: pass_(_ours(algorithm), problem, device, problem.dtype))
         ours = select(ours_raw)

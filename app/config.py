@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     workspace_bytes: int = Field(256 * MiB, ge=MiB, description="Cap on im2col's patch buffer; larger problems are computed in chunks.")
     queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline per request, from arrival to answer (504 past it).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time allowed for a request body to arrive; a slower client is answered 408 and cut off."
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503.")
     parse_processes: int = Field(1, ge=0, le=64, description="Helper processes that parse bodies of 1 MiB or more (0: parse in threads).")
     warmup: bool = Field(True, description="Run a small conv on each device at start-up before /readyz turns 200.")

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
-from app.errors import DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
+from app.errors import BodyTimeout, DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
 from app.metrics import Metrics
 from app.parsing import BodyParser
 from app.worker import DeviceWorker
@@ -54,9 +54,9 @@ def require_api_key(settings: SettingsDep, credentials: Annotated[HTTPAuthorizat
 ApiKey = Depends(require_api_key)
 
 
-def _check_headers(request: Request, max_body_bytes: int) -> None:
+def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True) -> None:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
+    if json_only and media_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'none'!r}")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -80,12 +80,16 @@ async def _read_capped(request: Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_body(request: Request, settings: Settings, deadline: float) -> bytes:
+async def read_body(request: Request, settings: Settings, deadline: float, json_only: bool = True) -> bytes:
     """The request's bytes, with 415 for other media types, 413 past max_body_bytes (declared or streamed)
-    without reading the rest, and 504 when the client is too slow to send it."""
-    _check_headers(request, settings.max_body_bytes)
+    without reading the rest, 408 past CONV_BODY_TIMEOUT_S and 504 past the request's deadline. `json_only=False` (the V2
+    routes: JSON followed by raw tensor bytes) skips the Content-Type check only."""
+    _check_headers(request, settings.max_body_bytes, json_only)
+    body_deadline = time.monotonic() + settings.body_timeout_s
     try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+        async with asyncio.timeout(max(0.0, min(deadline, body_deadline) - time.monotonic())):
             return await _read_capped(request, settings.max_body_bytes)
     except TimeoutError:
+        if body_deadline <= deadline:
+            raise BodyTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s (CONV_BODY_TIMEOUT_S)") from None
         raise DeadlineExceeded("the request body did not arrive within the request deadline") from None

@@ -47,6 +47,12 @@ class Unauthorized(ApiError):
     status_code = 401
 
 
+class BodyTimeout(ApiError):
+    """The client did not send its body in time (CONV_BODY_TIMEOUT_S): a slow client cannot hold a connection."""
+
+    status_code = 408
+
+
 class TooLarge(ApiError):
     """Over a limit: body bytes, elements per tensor, MACs per request, the reference algorithm's MACs."""
 

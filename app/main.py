@@ -17,7 +17,7 @@ from app import compute, errors
 from app.config import Settings, get_settings
 from app.metrics import Metrics, MetricsMiddleware
 from app.parsing import BodyParser
-from app.routes import backward, forward, health, info
+from app.routes import backward, forward, health, info, v2
 from app.schemas import BackwardRequest, ForwardRequest
 from app.worker import DeviceWorker
 
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.parser = BodyParser(0)
     errors.install(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    for router in (forward.router, backward.router, health.router, info.router):
+    for router in (forward.router, backward.router, health.router, info.router, v2.router):
         app.include_router(router)
     _add_request_schemas(app)
     return app

@@ -54,6 +54,26 @@ def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, flo
     return tensor_json[:-1] + b"," + orjson.dumps(report)[1:]
 
 
+async def run_problem(
+    request: Request, workers: dict[str, DeviceWorker], problem: Problem, deadline: float, backward: bool, timing_ms: dict[str, float]
+) -> compute.Outcome:
+    """Queue the checked problem on its device's worker and wait; adds queue / compute / reference to
+    `timing_ms`. Shared by /forward, /backward and the V2 infer route. Raises ClientGone, 503, 504, 507."""
+    run = compute.run_backward if backward else compute.run_forward
+    started: list[float] = []
+
+    def job(device):
+        started.append(time.perf_counter())
+        return run(problem, device)
+
+    queued = time.perf_counter()
+    outcome = await workers[problem.device].run(job, deadline, request.is_disconnected)
+    request.state.algorithm = outcome.algorithm
+    timing_ms["queue"] = ((started[0] if started else queued) - queued) * 1e3
+    timing_ms.update(outcome.timing_ms)
+    return outcome
+
+
 async def serve_conv(
     request: Request, settings: Settings, workers: dict[str, DeviceWorker], parser: BodyParser, metrics: Metrics, backward: bool
 ) -> Response:
@@ -66,21 +86,10 @@ async def serve_conv(
     if problem.options.timeout_s is not None:
         deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
     timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-    run = compute.run_backward if backward else compute.run_forward
-    started: list[float] = []
-
-    def job(device):
-        started.append(time.perf_counter())
-        return run(problem, device)
-
-    queued = time.perf_counter()
     try:
-        outcome = await workers[problem.device].run(job, deadline, request.is_disconnected)
+        outcome = await run_problem(request, workers, problem, deadline, backward, timing_ms)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    request.state.algorithm = outcome.algorithm
-    timing_ms["queue"] = ((started[0] if started else queued) - queued) * 1e3
-    timing_ms.update(outcome.timing_ms)
     elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
     if elements <= INLINE_ENCODE_ELEMENTS:
         content = _encode(outcome, problem, timing_ms, arrived)

@@ -4,7 +4,8 @@ Lifecycle (as LitServe's): `start()` launches the consumer and runs `setup` (a w
 `ready` turns true when that succeeds. Requests `run(fn, deadline)`: the job waits in a bounded
 asyncio queue (full -> 503 + Retry-After) and runs, one at a time, on the worker's single thread, so
 the event loop never blocks on device work. A job whose caller has gone (deadline, client disconnect,
-cancellation) is marked and dropped without running when its turn comes; `dropped` counts those.
+cancellation) gives its queue slot back at once and is dropped without running when its turn comes;
+`dropped` counts those.
 
 Memory: an out-of-memory error frees the allocator cache and answers 507; the worker keeps serving.
 Any other CUDA error leaves the context unusable: the worker marks itself unhealthy and answers 503.
@@ -39,7 +40,7 @@ class ClientGone(Exception):
 
 @dataclass(eq=False)
 class Job:
-    fn: DeviceFn
+    fn: DeviceFn | None
     deadline: float
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -53,8 +54,12 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
 
 
+# torch.AcceleratorError exists from torch 2.8; older releases raise a RuntimeError("CUDA error: ...").
+_ACCELERATOR_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+
+
 def _is_device_fault(error: BaseException) -> bool:
-    return isinstance(error, torch.AcceleratorError) or (isinstance(error, RuntimeError) and str(error).startswith("CUDA error"))
+    return isinstance(error, _ACCELERATOR_ERRORS) or (isinstance(error, RuntimeError) and str(error).startswith("CUDA error"))
 
 
 class DeviceWorker:
@@ -69,13 +74,17 @@ class DeviceWorker:
         self.dropped = 0
         self.completed = 0
         self.busy = False
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # Admission counts live jobs only (`_waiting`): a job abandoned while queued frees its slot at
+        # once, though its (emptied) entry stays in the unbounded asyncio queue until the consumer skips it.
+        self._waiting = 0
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"conv-{self.name}")
         self._consumer: asyncio.Task | None = None
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._waiting
 
     def start(self, setup: DeviceFn | None = None) -> asyncio.Task:
         """Start consuming; `setup` (the warm-up) runs as the first job. -> the task that sets `ready`."""
@@ -107,11 +116,11 @@ class DeviceWorker:
         """Queue `fn`; 503 when the device is unusable or the queue is full."""
         if not self.healthy:
             raise Unavailable(f"device {self.name} is unusable after a device error; the service needs a restart", self.retry_after_s)
+        if self._waiting >= self.queue_size:
+            raise Unavailable(f"the {self.name} queue is full ({self.queue_size} waiting); retry later", self.retry_after_s)
         job = Job(fn, deadline, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise Unavailable(f"the {self.name} queue is full ({self._queue.maxsize} waiting); retry later", self.retry_after_s) from None
+        self._queue.put_nowait(job)
+        self._waiting += 1
         return job
 
     async def run(self, fn: DeviceFn, deadline: float, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Any:
@@ -130,7 +139,10 @@ class DeviceWorker:
                     raise ClientGone()
         finally:
             if not job.future.done():
-                # Still queued: the consumer drops it. Already running: its result is discarded.
+                # Still queued: its slot is free now and the consumer drops it. Running: its result is discarded.
+                if job.started_at is None and not job.abandoned:
+                    self._waiting -= 1
+                    job.fn = None  # the request's tensors are not kept alive by a dead entry
                 job.abandoned = True
                 job.future.cancel()
 
@@ -138,7 +150,9 @@ class DeviceWorker:
         loop = asyncio.get_running_loop()
         while True:
             job = await self._queue.get()
-            if job.abandoned or job.future.done() or time.monotonic() > job.deadline:
+            if not job.abandoned:
+                self._waiting -= 1
+            if job.abandoned or job.fn is None or job.future.done() or time.monotonic() > job.deadline:
                 self.dropped += 1
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceeded(f"the request waited past its deadline in the {self.name} queue"))

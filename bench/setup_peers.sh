@@ -31,4 +31,4 @@ if ! command -v wrk >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends wrk >/dev/null
 fi
-"$VENV/bin/python" -c "import litserve, kserve, kernels, torch; print('peers ready: litserve', litserve.__version__, '| kserve', kserve.__version__ if hasattr(kserve, '__version__') else '?', '| torch', torch.__version__)"
+"$VENV/bin/python" -c "import importlib.metadata as m, kernels, kserve, litserve; print('peers ready:', ', '.join(f'{p} {m.version(p)}' for p in ('litserve', 'kserve', 'torch')))"

@@ -14,6 +14,7 @@ from app.schemas import Detail
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Detail, "description": "Malformed JSON or base64"},
     401: {"model": Detail, "description": "Missing or wrong API key (only when CONV_API_KEY is set)"},
+    408: {"model": Detail, "description": "The body did not arrive within CONV_BODY_TIMEOUT_S"},
     413: {"model": Detail, "description": "Over a limit: body bytes, elements per tensor, MACs per request, reference MACs"},
     415: {"model": Detail, "description": "Content-Type other than application/json, or a Content-Encoding"},
     422: {"model": Detail, "description": "Invalid values; detail[].loc names the field"},

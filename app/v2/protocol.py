@@ -55,7 +55,9 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
         json_bytes, binary = raw, b""
     else:
         if not header_length.strip().isdigit() or int(header_length) > len(raw):
-            raise ProtocolError(f"Inference-Header-Content-Length must be an integer <= the body's {len(raw):,} bytes, got {header_length!r}")
+            raise ProtocolError(
+                f"Inference-Header-Content-Length must be an integer <= the body's {len(raw):,} bytes, got {header_length!r}"
+            )
         json_bytes, binary = raw[: int(header_length)], raw[int(header_length) :]
     try:
         return orjson.loads(json_bytes), binary
@@ -109,7 +111,9 @@ def _shape(name: str, shape: Any) -> list[int]:
 def _binary_tensor(name: str, shape: list[int], dtype: torch.dtype, raw: bytes) -> dict[str, Any]:
     needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != needed:
-        raise ProtocolError(f"input {name}: binary_data_size is {len(raw):,} bytes but shape {shape} of {DATATYPE_NAMES[dtype]} needs {needed:,}")
+        raise ProtocolError(
+            f"input {name}: binary_data_size is {len(raw):,} bytes but shape {shape} of {DATATYPE_NAMES[dtype]} needs {needed:,}"
+        )
     return {"shape": shape, "dtype": DTYPE_NAMES[dtype], "b64": base64.b64encode(raw).decode("ascii")}
 
 
@@ -207,7 +211,12 @@ def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str,
     report = outcome.parity
     if report is not None:
         parameters.update(
-            {"parity_ok": report["ok"], "parity_reference": report["reference"], "parity_atol": report["atol"], "parity_rtol": report["rtol"]}
+            {
+                "parity_ok": report["ok"],
+                "parity_reference": report["reference"],
+                "parity_atol": report["atol"],
+                "parity_rtol": report["rtol"],
+            }
         )
         for field_name, entry in report["tensors"].items():
             for key, value in entry.items():
@@ -221,10 +230,16 @@ def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str,
     return parameters
 
 
-def encode_response(model: Model, request: V2Request, outcome: Outcome, problem: Problem, timing_ms: dict[str, float]) -> tuple[bytes, int | None]:
+def encode_response(
+    model: Model, request: V2Request, outcome: Outcome, problem: Problem, timing_ms: dict[str, float]
+) -> tuple[bytes, int | None]:
     """-> (body, JSON header length when a binary section follows, else None)."""
     available = {name: outcome.tensors.get(field_name) for name, field_name in model.outputs.items()}
-    wanted = request.outputs if request.outputs is not None else {name: request.binary_default for name, value in available.items() if value is not None}
+    wanted = (
+        request.outputs
+        if request.outputs is not None
+        else {name: request.binary_default for name, value in available.items() if value is not None}
+    )
     outputs, chunks = [], []
     for name, binary in wanted.items():
         tensor = available[name]
@@ -247,4 +262,3 @@ def encode_response(model: Model, request: V2Request, outcome: Outcome, problem:
     if not chunks:
         return json_bytes, None
     return b"".join([json_bytes, *chunks]), len(json_bytes)
-

@@ -1,53 +1,28 @@
 """POST /v2/models/{model}/infer: read under the size cap -> decode -> the native problem -> the device worker -> encode.
 
-The steps after reading are the native ones: `parse_problem` validates the request (fields, shapes,
-limits), the job runs on the same DeviceWorker queue as /forward and /backward (`compute.run_forward`
-/ `run_backward`), so the V2 endpoint has the same limits, deadlines, 503s and parity as theirs.
+Every step but the protocol's own decoding and encoding is the native one: `deps.read_body` (size cap,
+deadline), `problem.parse_problem` (fields, shapes, limits) and `service.run_problem` (the same
+DeviceWorker queue as /forward and /backward), so the V2 endpoint has their limits, 503s, 504s and parity.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import compute
 from app.config import Settings
-from app.deps import _read_capped
-from app.errors import DeadlineExceeded, MalformedBody, TooLarge, UnsupportedMediaType
+from app.deps import read_body
 from app.metrics import Metrics
 from app.parsing import INLINE_MAX_BYTES
 from app.problem import Problem, parse_problem
-from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device
+from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, run_problem
 from app.v2.models import Model
 from app.v2.protocol import V2Request, check_shapes, decode_request, encode_response, split_body
 from app.worker import ClientGone, DeviceWorker
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def _check_headers(request: Request, max_body_bytes: int) -> None:
-    """As the native routes' checks, except the media type: V2 clients send JSON or JSON + raw bytes."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed (identity)")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise MalformedBody(f"Content-Length must be a non-negative integer, got {declared!r}")
-        if int(declared) > max_body_bytes:
-            raise TooLarge(f"the body is {int(declared):,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
-
-
-async def read_body(request: Request, settings: Settings, deadline: float) -> bytes:
-    _check_headers(request, settings.max_body_bytes)
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await _read_capped(request, settings.max_body_bytes)
-    except TimeoutError:
-        raise DeadlineExceeded("the request body did not arrive within the request deadline") from None
 
 
 def decode(
@@ -64,7 +39,8 @@ def decode(
 async def infer(request: Request, model: Model, settings: Settings, workers: dict[str, DeviceWorker], metrics: Metrics) -> Response:
     arrived, arrived_monotonic = time.perf_counter(), time.monotonic()
     deadline = arrived_monotonic + settings.request_timeout_s
-    raw = await read_body(request, settings, deadline)
+    # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
+    raw = await read_body(request, settings, deadline, json_only=False)
     decode_start = time.perf_counter()
     arguments = (model, raw, request.headers.get(HEADER_LENGTH), settings, list(workers), default_device(settings, workers))
     v2_request, problem = decode(*arguments) if len(raw) <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
@@ -72,22 +48,13 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     if problem.options.timeout_s is not None:
         deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
     timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-    run = compute.run_backward if model.backward else compute.run_forward
-    started: list[float] = []
-
-    def job(device):
-        started.append(time.perf_counter())
-        return run(problem, device)
-
-    queued = time.perf_counter()
     try:
-        outcome = await workers[problem.device].run(job, deadline, request.is_disconnected)
+        outcome = await run_problem(request, workers, problem, deadline, model.backward, timing_ms)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    request.state.algorithm = outcome.algorithm
-    timing_ms["queue"] = ((started[0] if started else queued) - queued) * 1e3
-    timing_ms.update(outcome.timing_ms)
     metrics.observe_stages(timing_ms)
+    # Unlike the native responses, "total" stops before encoding: the figures are part of what is encoded.
+    timing_ms["total"] = (time.perf_counter() - arrived) * 1e3
     elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
     encode_args = (model, v2_request, outcome, problem, timing_ms)
     if elements <= INLINE_ENCODE_ELEMENTS:

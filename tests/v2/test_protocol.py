@@ -1,0 +1,202 @@
+"""The V2 wire format with plain httpx: JSON forms, the binary extension both ways, error bodies, limits."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.v2.servers import API_KEY, MAX_BODY_BYTES
+
+HEADER = "Inference-Header-Content-Length"
+
+
+def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, 5, 5, generator=generator), torch.randn(3, 2, 3, 3, generator=generator), torch.randn(3, generator=generator)
+
+
+def _json_input(name: str, tensor: torch.Tensor, datatype: str = "FP32", nested: bool = False) -> dict:
+    data = tensor.double().tolist() if nested else tensor.double().flatten().tolist()
+    return {"name": name, "shape": list(tensor.shape), "datatype": datatype, "data": data}
+
+
+def _post(url: str, path: str, content: bytes, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=content, headers=headers or {}, timeout=60)
+
+
+def _infer_json(url: str, body: dict, model: str = "conv2d", headers: dict | None = None) -> httpx.Response:
+    return _post(url, f"/v2/models/{model}/infer", json.dumps(body).encode(), {"content-type": "application/json", **(headers or {})})
+
+
+def _split(response: httpx.Response) -> tuple[dict, bytes]:
+    length = int(response.headers[HEADER])
+    return json.loads(response.content[:length]), response.content[length:]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_json_in_json_out(open_server, nested: bool) -> None:
+    x, w, b = _problem(1)
+    body = {
+        "id": "request-7",
+        "inputs": [_json_input("INPUT", x, nested=nested), _json_input("WEIGHT", w, nested=nested), _json_input("BIAS", b)],
+        "parameters": {"padding": 1},
+    }
+    response = _infer_json(open_server.url, body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json") and HEADER not in response.headers
+    result = response.json()
+    assert result["id"] == "request-7"
+    [output] = result["outputs"]
+    assert output["name"] == "OUTPUT" and output["datatype"] == "FP32" and output["shape"] == [1, 3, 5, 5]
+    actual = torch.tensor(output["data"]).reshape(output["shape"])
+    torch.testing.assert_close(actual, F.conv2d(x, w, b, padding=1), atol=1e-5, rtol=1e-4)
+
+
+def test_versioned_infer_and_bf16_json(open_server) -> None:
+    x, w, _ = _problem(2)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    body = {"inputs": [_json_input("INPUT", x16, "BF16"), _json_input("WEIGHT", w16, "BF16")], "parameters": {"padding": "same"}}
+    response = _post(open_server.url, "/v2/models/conv2d/versions/1/infer", json.dumps(body).encode())
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    assert output["datatype"] == "BF16"
+    expected = F.conv2d(x16.double(), w16.double(), padding="same")
+    torch.testing.assert_close(torch.tensor(output["data"], dtype=torch.float64).reshape(output["shape"]), expected, atol=0.1, rtol=0.05)
+    missing = _post(open_server.url, "/v2/models/conv2d/versions/3/infer", json.dumps(body).encode())
+    assert missing.status_code == 404 and "version" in missing.json()["error"]
+
+
+def test_binary_in_and_out_per_output(open_server) -> None:
+    """Binary inputs; binary_data_output for all, overridden per output; the JSON header's length in the response."""
+    x, w, b = _problem(3)
+    grad_output = torch.randn(1, 3, 3, 3)
+    tensors = {"INPUT": x, "WEIGHT": w, "BIAS": b, "GRAD_OUTPUT": grad_output}
+    inputs = [
+        {"name": name, "shape": list(t.shape), "datatype": "FP32", "parameters": {"binary_data_size": t.numel() * 4}}
+        for name, t in tensors.items()
+    ]
+    header = json.dumps(
+        {
+            "inputs": inputs,
+            "outputs": [
+                {"name": "GRAD_WEIGHT", "parameters": {"binary_data": True}},
+                {"name": "GRAD_BIAS", "parameters": {"binary_data": False}},
+            ],
+        }
+    ).encode()
+    content = header + b"".join(t.numpy().tobytes() for t in tensors.values())
+    response = _post(
+        open_server.url, "/v2/models/conv2d_backward/infer", content, {HEADER: str(len(header)), "content-type": "application/octet-stream"}
+    )
+    assert response.status_code == 200, response.text
+    result, binary = _split(response)
+    assert [entry["name"] for entry in result["outputs"]] == ["GRAD_WEIGHT", "GRAD_BIAS"]
+    weight_entry, bias_entry = result["outputs"]
+    assert weight_entry["parameters"]["binary_data_size"] == len(binary) == w.numel() * 4
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    F.conv2d(*leaves).backward(grad_output)
+    grad_weight = torch.from_numpy(np.frombuffer(binary, dtype="<f4").copy()).reshape(weight_entry["shape"])
+    torch.testing.assert_close(grad_weight, leaves[1].grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(bias_entry["data"]), leaves[2].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_binary_bf16_is_raw_little_endian(open_server) -> None:
+    x, w, _ = _problem(4)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    raw = [t.view(torch.int16).numpy().astype("<i2").tobytes() for t in (x16, w16)]
+    inputs = [
+        {"name": name, "shape": list(t.shape), "datatype": "BF16", "parameters": {"binary_data_size": len(r)}}
+        for name, t, r in (("INPUT", x16, raw[0]), ("WEIGHT", w16, raw[1]))
+    ]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+    response = _post(open_server.url, "/v2/models/conv2d/infer", header + b"".join(raw), {HEADER: str(len(header))})
+    assert response.status_code == 200, response.text
+    result, binary = _split(response)
+    output = torch.frombuffer(bytearray(binary), dtype=torch.bfloat16).reshape(result["outputs"][0]["shape"])
+    torch.testing.assert_close(output.double(), F.conv2d(x16.double(), w16.double()), atol=0.1, rtol=0.05)
+
+
+def test_non_finite_json_values(open_server) -> None:
+    x, w, _ = _problem(5)
+    body = {"inputs": [_json_input("INPUT", x), _json_input("WEIGHT", w)]}
+    body["inputs"][0]["data"][0] = "NaN"
+    result = _infer_json(open_server.url, body).json()
+    assert "NaN" in result["outputs"][0]["data"] and result["parameters"]["parity_ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("mutate", "phrase"),
+    [
+        (lambda body: body["inputs"].append({"name": "EXTRA", "shape": [1], "datatype": "FP32", "data": [1.0]}), "no input 'EXTRA'"),
+        (lambda body: body["inputs"][0].update(datatype="INT8"), "datatype must be one of"),
+        (lambda body: body["inputs"][0].update(shape=[1, 2, 5, 4]), "has 50 values but shape"),
+        (lambda body: body["inputs"].pop(1), "missing ['WEIGHT']"),
+        (lambda body: body["inputs"][0].pop("data"), "neither data nor"),
+        (lambda body: body.update(outputs=[{"name": "GRAD_INPUT"}]), "no output 'GRAD_INPUT'"),
+        (lambda body: body.update(parameters={"encoding": "list"}), "parameter 'encoding'"),
+    ],
+)
+def test_protocol_errors_have_error_body(open_server, mutate, phrase: str) -> None:
+    x, w, _ = _problem()
+    body = {"inputs": [_json_input("INPUT", x), _json_input("WEIGHT", w)]}
+    mutate(body)
+    response = _infer_json(open_server.url, body)
+    assert response.status_code in (400, 422), response.text
+    assert set(response.json()) == {"error"} and phrase in response.json()["error"]
+
+
+def test_binary_size_mismatch_and_bad_header_length(open_server) -> None:
+    x, w, _ = _problem()
+    inputs = [
+        {"name": n, "shape": list(t.shape), "datatype": "FP32", "parameters": {"binary_data_size": t.numel() * 4}}
+        for n, t in (("INPUT", x), ("WEIGHT", w))
+    ]
+    header = json.dumps({"inputs": inputs}).encode()
+    short = _post(open_server.url, "/v2/models/conv2d/infer", header + x.numpy().tobytes(), {HEADER: str(len(header))})
+    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]
+    inputs[1]["parameters"]["binary_data_size"] = w.numel() * 2
+    content = header.replace(str(w.numel() * 4).encode(), str(w.numel() * 2).encode())
+    wrong = _post(
+        open_server.url,
+        "/v2/models/conv2d/infer",
+        content + x.numpy().tobytes() + w.numpy().tobytes()[: w.numel() * 2],
+        {HEADER: str(len(content))},
+    )
+    assert wrong.status_code == 400 and "needs" in wrong.json()["error"]
+    bad = _post(open_server.url, "/v2/models/conv2d/infer", header, {HEADER: "lots"})
+    assert bad.status_code == 400 and HEADER in bad.json()["error"]
+    broken = _post(open_server.url, "/v2/models/conv2d/infer", b"{not json")
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+
+
+def test_unknown_model_404_and_metadata_open(open_server) -> None:
+    response = httpx.get(f"{open_server.url}/v2/models/conv3d")
+    assert response.status_code == 404 and set(response.json()) == {"error"}
+    assert httpx.get(f"{open_server.url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{open_server.url}/v2/health/ready").json() == {"ready": True}
+
+
+def test_strict_limits_and_auth_use_error_body(strict_server) -> None:
+    big = torch.zeros(1, 1, 128, 128)
+    w = torch.zeros(1, 1, 3, 3)
+    body = {"inputs": [_json_input("INPUT", big), _json_input("WEIGHT", w)]}
+    key = {"authorization": f"Bearer {API_KEY}"}
+    too_large = _infer_json(strict_server.url, body, headers=key)
+    assert too_large.status_code == 413 and f"{MAX_BODY_BYTES:,}" in too_large.json()["error"]
+    small = {"inputs": [_json_input("INPUT", big[..., :8, :8]), _json_input("WEIGHT", w)]}
+    unauthorized = _infer_json(strict_server.url, small)
+    assert unauthorized.status_code == 401 and "API key" in unauthorized.json()["error"]
+    assert unauthorized.headers["www-authenticate"] == "Bearer"
+    assert _infer_json(strict_server.url, small, headers=key).status_code == 200
+    gzip = _post(strict_server.url, "/v2/models/conv2d/infer", b"x", {**key, "content-encoding": "gzip"})
+    assert gzip.status_code == 415 and set(gzip.json()) == {"error"}
+
+
+def test_native_routes_keep_detail(open_server) -> None:
+    response = httpx.post(f"{open_server.url}/forward", json={"input": [[[1.0]]]}, timeout=30)
+    assert response.status_code == 422 and "detail" in response.json()
