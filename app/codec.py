@@ -88,7 +88,7 @@ def _numbers(value: Any, field: str, dtype: torch.dtype) -> np.ndarray:
     # numpy reads JSON null as NaN; NaN must be asked for by name. The object-array scan runs in C, and only
     # when there is a NaN to explain.
     if np.isnan(array).any() and np.equal(np.array(value, dtype=object), None).any():
-        raise InvalidField(field, f"{field} holds null; write a missing value as the string \"NaN\"")
+        raise InvalidField(field, f'{field} holds null; write a missing value as the string "NaN"')
     return array
 
 
@@ -105,9 +105,9 @@ def _object_shape(value: dict, field: str) -> list[int]:
     shape = value.get("shape")
     if not isinstance(shape, list):
         raise InvalidField((field, "shape"), f"{field}.shape must be a list of ints, got {type(shape).__name__}")
-    wrong = next((size for size in shape if isinstance(size, bool) or not isinstance(size, int)), None)
-    if wrong is not None or None in shape:
-        raise InvalidField((field, "shape"), f"{field}.shape must be a list of ints, got an element of type {type(wrong).__name__}")
+    wrong = [size for size in shape if isinstance(size, bool) or not isinstance(size, int)]
+    if wrong:
+        raise InvalidField((field, "shape"), f"{field}.shape must be a list of ints, got an element of type {type(wrong[0]).__name__}")
     return shape
 
 
@@ -167,6 +167,9 @@ def decode_tensor(value: Any, field: str, *, list_dtype: torch.dtype, ranks: Seq
         return _from_list(value, field, list_dtype, ranks, max_elements)
     if isinstance(value, dict):
         return _from_object(value, field, ranks, max_elements)
+    if isinstance(value, torch.Tensor):  # decoded by the caller (V2's raw binary tensors): only rank and limits to check
+        _check_shape(list(value.shape), field, ranks, max_elements)
+        return value
     raise InvalidField(field, f"{field} must be nested lists of numbers or an object with shape, dtype and data or b64")
 
 

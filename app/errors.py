@@ -11,6 +11,7 @@ import logging
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("app")
 
@@ -111,13 +112,40 @@ def _validation_error(request: Request, error: RequestValidationError) -> Respon
     return json_response({"detail": detail}, 422)
 
 
-def _unexpected(request: Request, error: Exception) -> Response:
-    # Only a bug gets here: every client mistake is an ApiError raised where it is found.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_response({"detail": "internal error; this is a bug in the service, please report it"}, 500)
+class UnexpectedErrors:
+    """Answers a bug (any exception that is not an ApiError) with a clean 500, logged with its traceback.
+
+    Only a bug gets here: every client mistake is an ApiError raised where it is found. This is ASGI
+    middleware rather than an `Exception` handler because Starlette re-raises after such a handler, and
+    uvicorn then closes the keep-alive connection under the client's next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = json_response({"detail": "internal error; this is a bug in the service, please report it"}, 500)
+            await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:
+    """Exception handlers, and the 500 middleware (call before adding other middleware: it must sit inside them)."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(UnexpectedErrors)

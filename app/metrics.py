@@ -65,6 +65,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _v2_endpoint(path: str) -> str:
+    """V2 infer paths (one per model and version) count as one endpoint; the rest of /v2 as another."""
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "/v2/infer"
+    return "/v2" if path == "/v2" or path.startswith("/v2/") else "other"
+
+
 class MetricsMiddleware:
     """Counts every HTTP request; routes put the algorithm that ran in request.state.algorithm."""
 
@@ -77,8 +84,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
-        compute = endpoint in ("/forward", "/backward")
+        endpoint = path if path in ENDPOINTS else _v2_endpoint(path)
+        compute = endpoint in ("/forward", "/backward", "/v2/infer")
         status = {"code": 500}
         start = time.perf_counter()
 

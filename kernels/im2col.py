@@ -46,13 +46,14 @@ def _patches(padded: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int], rows
     )
 
 
-def _row_blocks(batch: int, out_height: int, row_bytes: int) -> Iterator[tuple[slice, slice]]:
+def _row_blocks(batch: int, out_height: int, row_bytes: int, limit: int | None = None) -> Iterator[tuple[slice, slice]]:
     """(images, output rows) blocks whose patch matrix stays under the workspace limit.
 
     Whole images are grouped while they fit; an image too big on its own is split by output rows.
     A single output row is the smallest block, so a row wider than the limit still runs alone.
     """
-    rows_per_block = max(1, get_limits().im2col_workspace_bytes // max(1, row_bytes))
+    limit = get_limits().im2col_workspace_bytes if limit is None else limit
+    rows_per_block = max(1, limit // max(1, row_bytes))
     if rows_per_block >= out_height:
         images = max(1, rows_per_block // max(1, out_height))
         for start in range(0, batch, images):

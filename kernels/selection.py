@@ -12,7 +12,7 @@ from kernels.params import ConvSpec
 # are not well served by a generic patch GEMM. Measurements: bench/bench_kernels.py, docs/performance.md.
 _PREFERENCE = {
     "cuda": ("triton", "im2col"),
-    "cpu": ("depthwise", "pointwise", "shifted_gemm", "im2col"),
+    "cpu": ("depthwise", "pointwise", "winograd", "shifted_gemm", "im2col"),
 }
 
 # shifted_gemm computes H_pad*W_pad "wide" output rows per image for H_out*W_out real ones, and its
@@ -23,8 +23,21 @@ _PREFERENCE = {
 MAX_SHIFTED_WASTE = 1.1
 
 
+# winograd (F(2x2, 3x3), 3x3 stride 1 only) trades 2.25x fewer GEMM flops for tile transforms whose
+# cost is per element, so it needs enough channels for the GEMM to dominate, and images big enough
+# for the 16 per-position GEMMs (M = tiles) to run efficiently. Measured (N=4, 1 thread, ours/nn.Conv2d
+# fwd / fwd+bwd): 64x56 1.63/1.49 vs shifted_gemm 1.75/1.67; 128x28 1.28/1.16 vs im2col 1.50/1.50;
+# 256x14 1.34/1.39 vs im2col 1.14/1.44 (loses forward, ties fwd+bwd), so the cut lies between 14 and 28.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_OUTPUT = 24
+
+
 def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
     """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto"."""
+    if name == "winograd":
+        out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
+        channels = min(weight.shape[0], weight.shape[1])
+        return channels >= WINOGRAD_MIN_CHANNELS and min(out_height, out_width) >= WINOGRAD_MIN_OUTPUT
     if name != "shifted_gemm":
         return True
     top, bottom, left, right = spec.padding

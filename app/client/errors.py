@@ -32,6 +32,12 @@ class Unauthorized(ClientError):
     status = 401
 
 
+class RequestTimeout(ClientError):
+    """408: the request body did not arrive in time (CONV_BODY_TIMEOUT_S)."""
+
+    status = 408
+
+
 class PayloadTooLarge(ClientError):
     status = 413
 

@@ -20,6 +20,25 @@ from app.worker import DeviceWorker
 
 router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
 
+_INFER_EXAMPLE = {
+    "inputs": [
+        {"name": "INPUT", "datatype": "FP32", "shape": [1, 1, 3, 3], "data": [0.5, -1.0, 2.0, 1.5, 0.0, -0.5, 1.0, 2.0, -2.0]},
+        {"name": "WEIGHT", "datatype": "FP32", "shape": [1, 1, 3, 3], "data": [0.1, 0.2, 0.3, 0.0, -0.1, 0.2, 0.3, 0.1, -0.2]},
+        {"name": "BIAS", "datatype": "FP32", "shape": [1], "data": [0.1]},
+    ],
+    "parameters": {"padding": 1, "stride": "1,1"},
+}
+# The body is read raw (JSON, or JSON + binary tensors), so it is declared here for /docs only.
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object"}, "example": _INFER_EXAMPLE},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
 
 def _model(name: str, version: str | None = None) -> Model:
     if name not in MODELS:
@@ -70,8 +89,18 @@ async def model_ready(
     return _readiness(workers, parser, settings.retry_after_s)
 
 
-@router.post("/models/{model_name}/infer", dependencies=[ApiKey], summary="Inference: conv2d forward or backward, with parity")
-@router.post("/models/{model_name}/versions/{model_version}/infer", dependencies=[ApiKey], summary="Inference on one version")
+@router.post(
+    "/models/{model_name}/infer",
+    dependencies=[ApiKey],
+    openapi_extra=_INFER_BODY,
+    summary="Inference: conv2d forward or backward, with parity (docs/v2.md)",
+)
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    dependencies=[ApiKey],
+    openapi_extra=_INFER_BODY,
+    summary="Inference on one version",
+)
 async def infer(
     request: Request, model_name: str, settings: SettingsDep, workers: WorkersDep, metrics: MetricsDep, model_version: str | None = None
 ) -> Response:

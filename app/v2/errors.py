@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from app.errors import ApiError, json_response
 
@@ -53,6 +54,8 @@ class V2Route(APIRoute):
                 return error_response(error.status_code, message(error.detail), error.headers)
             except RequestValidationError as error:
                 return error_response(422, message(list(error.errors())))
+            except HTTPException as error:
+                return error_response(error.status_code, message(error.detail), error.headers)
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return error_response(500, "internal error; this is a bug in the service, please report it")

@@ -5,7 +5,8 @@ A V2 request is a JSON header, optionally followed by the binary tensor data ext
 `binary_data_size`, in the order of "inputs"). It becomes the body /forward or /backward would take,
 so `app.problem.parse_problem` validates it exactly as it validates theirs (same fields, same limits):
 
-- binary input  -> {"shape", "dtype", "b64"} (the codec checks the byte count against the shape first);
+- binary input  -> a tensor over the raw bytes (their count checked against the shape first; the codec
+  checks rank and the element limit, as for its own forms);
 - flat "data"   -> {"shape", "dtype", "data"};
 - nested "data" -> nested lists, parsed in the compute dtype (the INPUT's datatype unless the "dtype"
   parameter says otherwise), and checked against the declared shape afterwards.
@@ -17,7 +18,6 @@ padding and dilation; padding also "same" / "valid". Triton's own request parame
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,16 +49,17 @@ class V2Request:
     binary_default: bool = False
 
 
-def split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
-    """The JSON header (parsed) and the binary section after it."""
+def split_body(raw: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """The JSON header (parsed) and the binary section after it (a view: tensors copy their own bytes once)."""
+    view = memoryview(raw)
     if header_length is None:
-        json_bytes, binary = raw, b""
+        json_bytes, binary = view, view[:0]
     else:
         if not header_length.strip().isdigit() or int(header_length) > len(raw):
             raise ProtocolError(
                 f"Inference-Header-Content-Length must be an integer <= the body's {len(raw):,} bytes, got {header_length!r}"
             )
-        json_bytes, binary = raw[: int(header_length)], raw[int(header_length) :]
+        json_bytes, binary = view[: int(header_length)], view[int(header_length) :]
     try:
         return orjson.loads(json_bytes), binary
     except orjson.JSONDecodeError as error:
@@ -108,13 +109,16 @@ def _shape(name: str, shape: Any) -> list[int]:
     return shape
 
 
-def _binary_tensor(name: str, shape: list[int], dtype: torch.dtype, raw: bytes) -> dict[str, Any]:
+def _binary_tensor(name: str, shape: list[int], dtype: torch.dtype, raw: memoryview) -> torch.Tensor:
+    """Raw little-endian bytes -> a tensor over one copy of them; the codec then checks rank and limits."""
     needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != needed:
         raise ProtocolError(
             f"input {name}: binary_data_size is {len(raw):,} bytes but shape {shape} of {DATATYPE_NAMES[dtype]} needs {needed:,}"
         )
-    return {"shape": shape, "dtype": DTYPE_NAMES[dtype], "b64": base64.b64encode(raw).decode("ascii")}
+    if not needed:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
 
 def _json_tensor(name: str, shape: list[int], dtype: torch.dtype, data: Any) -> Any:
@@ -123,6 +127,15 @@ def _json_tensor(name: str, shape: list[int], dtype: torch.dtype, data: Any) -> 
     if data and isinstance(data[0], list):
         return data  # nested: the codec reads its shape, checked against `shape` after parsing
     return {"shape": shape, "dtype": DTYPE_NAMES[dtype], "data": data}
+
+
+def _entry_parameters(entry: dict, what: str) -> dict[str, Any]:
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"{what}: parameters must be a JSON object, got {type(parameters).__name__}")
+    return parameters
 
 
 def _requested_outputs(model: Model, outputs: Any, binary_default: bool) -> dict[str, bool] | None:
@@ -135,14 +148,14 @@ def _requested_outputs(model: Model, outputs: Any, binary_default: bool) -> dict
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in model.outputs:
             raise ProtocolError(f"model {model.name} has no output {name!r}; outputs: {list(model.outputs)}")
-        binary = (entry.get("parameters") or {}).get("binary_data", binary_default)
+        binary = _entry_parameters(entry, f"output {name}").get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise ProtocolError(f"output {name}: parameter binary_data must be true or false, got {binary!r}")
         requested[name] = binary
     return requested
 
 
-def decode_request(model: Model, header: Any, binary: bytes) -> V2Request:
+def decode_request(model: Model, header: Any, binary: memoryview) -> V2Request:
     """The JSON header and the binary section -> V2Request; 400 (ProtocolError) for protocol mistakes."""
     if not isinstance(header, dict):
         raise ProtocolError(f"the inference request must be a JSON object, got {type(header).__name__}")
@@ -164,7 +177,7 @@ def decode_request(model: Model, header: Any, binary: bytes) -> V2Request:
         if datatype not in DATATYPES:
             raise ProtocolError(f"input {name}: datatype must be one of {list(DATATYPES)}, got {datatype!r}")
         dtype, shape = DATATYPES[datatype], _shape(name, entry.get("shape"))
-        size = (entry.get("parameters") or {}).get("binary_data_size")
+        size = _entry_parameters(entry, f"input {name}").get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ProtocolError(f"input {name}: binary_data_size {size!r} does not fit the {len(binary) - offset:,} binary bytes left")

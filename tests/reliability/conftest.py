@@ -82,6 +82,13 @@ def assert_healthy(server: Server) -> None:
     assert response.status_code == 200, response.text
 
 
+async def read_response(reader) -> bytes:
+    """One HTTP/1.1 response with a Content-Length body from an asyncio StreamReader."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    return head + await reader.readexactly(length)
+
+
 def _session_server(tmp_path_factory, name: str, module: str = "app", **env: str) -> Iterator[Server]:
     server = launch(tmp_path_factory.mktemp(name), name, module, **env)
     try:

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.reliability.conftest import MARKER, assert_clean, assert_healthy, record, seed_body
+from tests.reliability.conftest import MARKER, assert_clean, assert_healthy, read_response, record, seed_body
 
 MiB = 1 << 20
 DEFAULT_MAX_BODY = 64 * MiB
@@ -191,7 +191,7 @@ async def _raw_exchange(url: str, head: bytes, chunks, pause_s: float = 0.0) -> 
     try:
         writer.write(head)
         await writer.drain()
-        answer = asyncio.ensure_future(_read_response(reader))
+        answer = asyncio.ensure_future(read_response(reader))
         for chunk in chunks:
             if answer.done():
                 break
@@ -206,12 +206,6 @@ async def _raw_exchange(url: str, head: bytes, chunks, pause_s: float = 0.0) -> 
     finally:
         writer.close()
     return int(data.split(b" ", 2)[1]), data
-
-
-async def _read_response(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
-    return head + await reader.readexactly(length)
 
 
 def _head(route: str, length: int | None) -> bytes:

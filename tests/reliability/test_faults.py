@@ -18,7 +18,7 @@ import torch
 from app.errors import OutOfDeviceMemory
 from app.worker import DeviceWorker
 from tests.integration.conftest import Server, stop, wait_ready
-from tests.reliability.conftest import assert_clean, assert_healthy, launch, record, seed_body
+from tests.reliability.conftest import assert_clean, assert_healthy, launch, read_response, record, seed_body
 
 pytestmark = pytest.mark.anyio
 
@@ -142,7 +142,9 @@ async def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
         exit_code = await asyncio.to_thread(server.process.wait, 30)
         record("sigterm_drain", in_flight=len(in_flight), answered_200=statuses.count(200), exit_code=exit_code)
         assert statuses == [200] * 4, f"{statuses}\n{server.log_tail()}"
-        assert exit_code == 0
+        # uvicorn re-raises the SIGTERM it caught once shutdown has finished, so a clean exit reads -15.
+        assert exit_code in (0, -signal.SIGTERM), server.log_tail()
+        assert "Traceback" not in server.log_tail()
         assert sorted(runs(record_path)) == [f"fault_sleep {20 + index}" for index in range(4)]
     finally:
         stop(server)
@@ -150,14 +152,12 @@ async def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
 
 async def test_slow_client_cannot_hold_the_server(faulty_server) -> None:
     """A body sent a byte every 0.25 s is cut off at CONV_BODY_TIMEOUT_S (2 s) with 408; others are served meanwhile."""
-    reader, writer = await raw_request(faulty_server.url, "/forward", b"")
-    writer.close()
     host, port = faulty_server.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /forward HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n")
     await writer.drain()
     start = time.monotonic()
-    answer = asyncio.ensure_future(reader.read(4096))
+    answer = asyncio.ensure_future(read_response(reader))
     served = 0
     async with httpx.AsyncClient(base_url=faulty_server.url, timeout=30) as client:
         for _ in range(60):  # 15 s at most

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import tritonclient.http as triton
 
 from tests.integration.conftest import Server
 from tests.v2.servers import shared_servers
@@ -26,19 +25,21 @@ def strict_server(servers) -> Server:
     return servers["strict"]
 
 
-def _client(server: Server) -> triton.InferenceServerClient:
+def _client(server: Server):
+    import tritonclient.http as triton  # a dev extra; test_triton_client.py skips without it
+
     return triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120.0)
 
 
 @pytest.fixture(scope="session")
-def triton_client(open_server) -> Iterator[triton.InferenceServerClient]:
+def triton_client(open_server) -> Iterator:
     client = _client(open_server)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="session")
-def strict_triton_client(strict_server) -> Iterator[triton.InferenceServerClient]:
+def strict_triton_client(strict_server) -> Iterator:
     client = _client(strict_server)
     yield client
     client.close()

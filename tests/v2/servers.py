@@ -1,7 +1,8 @@
 """Real servers for tests/v2 and tests/client, started once per test process and shared by both suites.
 
 Built on tests/integration's helpers (`python -m app` on a free loopback port, waited on until /readyz
-is 200). "open" has the defaults; "strict" has CONV_API_KEY and a 64 KiB body limit. Both parse in
+is 200). "open" has the defaults; "strict" has CONV_API_KEY, a 64 KiB body limit and
+4096 elements per tensor. Both parse in
 threads (CONV_PARSE_PROCESSES=0) to start faster on small machines.
 """
 
@@ -14,6 +15,7 @@ from tests.integration.conftest import Server, start, stop, wait_ready
 
 API_KEY = "v2-client-key"
 MAX_BODY_BYTES = 64 << 10
+MAX_TENSOR_ELEMENTS = 4096
 _started: dict[str, Server] = {}
 
 
@@ -26,7 +28,12 @@ def shared_servers(log_dir: Path) -> dict[str, Server]:
     if not _started:
         _started["open"] = start(log_dir, "open", CONV_PARSE_PROCESSES="0")
         _started["strict"] = start(
-            log_dir, "strict", CONV_PARSE_PROCESSES="0", CONV_API_KEY=API_KEY, CONV_MAX_BODY_BYTES=str(MAX_BODY_BYTES)
+            log_dir,
+            "strict",
+            CONV_PARSE_PROCESSES="0",
+            CONV_API_KEY=API_KEY,
+            CONV_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+            CONV_MAX_TENSOR_ELEMENTS=str(MAX_TENSOR_ELEMENTS),
         )
         atexit.register(_stop_all)
         for server in _started.values():

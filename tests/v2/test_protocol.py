@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.v2.servers import API_KEY, MAX_BODY_BYTES
+from tests.v2.servers import API_KEY, MAX_BODY_BYTES, MAX_TENSOR_ELEMENTS
 
 HEADER = "Inference-Header-Content-Length"
 
@@ -139,6 +139,8 @@ def test_non_finite_json_values(open_server) -> None:
         (lambda body: body["inputs"][0].pop("data"), "neither data nor"),
         (lambda body: body.update(outputs=[{"name": "GRAD_INPUT"}]), "no output 'GRAD_INPUT'"),
         (lambda body: body.update(parameters={"encoding": "list"}), "parameter 'encoding'"),
+        (lambda body: body["inputs"][0].update(parameters=[1]), "parameters must be a JSON object"),
+        (lambda body: body.update(parameters={"binary_data_output": "yes"}), "binary_data_output"),
     ],
 )
 def test_protocol_errors_have_error_body(open_server, mutate, phrase: str) -> None:
@@ -200,3 +202,23 @@ def test_strict_limits_and_auth_use_error_body(strict_server) -> None:
 def test_native_routes_keep_detail(open_server) -> None:
     response = httpx.post(f"{open_server.url}/forward", json={"input": [[[1.0]]]}, timeout=30)
     assert response.status_code == 422 and "detail" in response.json()
+
+
+def test_metrics_count_v2_infer(open_server) -> None:
+    x, w, _ = _problem(8)
+    assert _infer_json(open_server.url, {"inputs": [_json_input("INPUT", x), _json_input("WEIGHT", w)]}).status_code == 200
+    metrics = httpx.get(f"{open_server.url}/metrics").text
+    assert 'conv_requests_total{algorithm="' in metrics and 'endpoint="/v2/infer"' in metrics
+
+
+def test_binary_tensor_over_the_element_limit(strict_server) -> None:
+    x, w = torch.zeros(1, 2, 64, 64), torch.zeros(1, 2, 3, 3)
+    assert x.numel() > MAX_TENSOR_ELEMENTS and x.numel() * 4 < MAX_BODY_BYTES
+    inputs = [
+        {"name": n, "shape": list(t.shape), "datatype": "FP32", "parameters": {"binary_data_size": t.numel() * 4}}
+        for n, t in (("INPUT", x), ("WEIGHT", w))
+    ]
+    header = json.dumps({"inputs": inputs}).encode()
+    headers = {HEADER: str(len(header)), "authorization": f"Bearer {API_KEY}"}
+    response = _post(strict_server.url, "/v2/models/conv2d/infer", header + x.numpy().tobytes() + w.numpy().tobytes(), headers)
+    assert response.status_code == 413 and "CONV_MAX_TENSOR_ELEMENTS" in response.json()["error"]

@@ -1,0 +1,220 @@
+"""Winograd F(2x2, 3x3): 3x3 stride-1 conv as 16 batched GEMMs over 4x4 input tiles, 2.25x fewer flops.
+
+The output is cut into 2x2 tiles, each read from a 4x4 tile of the zero-padded NHWC input (tiles
+overlap by 2). With B^T, G, A^T the F(2, 3) matrices (Lavin & Gray, 2015):
+
+    V = B^T d B   (16 values per input tile and channel)          input transform
+    U = G g G^T   (16 values per (C_out, C_in) kernel)            weight transform
+    M[xi] = V[xi] @ U[xi]        for each of the 16 positions xi  one bmm, K = C_in
+    Y = A^T M A   (2x2 outputs per tile)                          output transform
+
+The transforms are additions of strided NHWC views (C innermost, so they vectorise); the GEMM does
+4 multiply-adds per output per input channel instead of im2col's 9. F(2, 3) only multiplies by
+0.5 and 1, so float32 results stay within the float32 row of kernels/tolerances.py, and float64
+within 1e-10 (F(4, 3)'s larger transform constants were not needed for the win).
+
+Backward is the same algorithm's adjoint: grad_input of a stride-1 3x3 conv is the 3x3 conv of
+grad_output, padded by (2 - padding) per side, with the flipped, transposed kernel; grad_weight is
+dU[xi] = V[xi]^T @ dM[xi] with dM = A dY A^T, then dW = G^T dU G. Tile buffers (16 values per 4
+inputs) are 4x the input or output, so work is chunked over (images, tile rows) under the im2col
+workspace limit.
+
+groups == 1, 3x3, stride 1, dilation 1 only. The backward uses out= buffers, so when autograd
+records it (double backward) it delegates to shifted_gemm's differentiable backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, get, register
+from kernels.im2col import _row_blocks
+from kernels.limits import get_limits
+from kernels.params import ConvSpec
+from kernels.precision import HALF, narrowed, widened
+
+# Tile buffers are processed in blocks of at most this size (and the workspace limit), reused across
+# blocks. Measured (1 thread, N=4): 1-4 MiB blocks lose to 16 MiB (smaller bmm's run slower); 16 MiB
+# matched or beat one block of the whole batch (64x56: fwd 22.6 vs 25.4 ms) and faults in less memory.
+BLOCK_BYTES = 16 << 20
+
+# G (4x3): weight transform.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _tile_grid(padded: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Zero NHWC buffer (N, 2*tiles_h + 2, 2*tiles_w + 2, C) big enough for whole tiles over out_hw."""
+    tiles_h, tiles_w = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    return padded.new_zeros(padded.shape[0], 2 * tiles_h + 2, 2 * tiles_w + 2, padded.shape[3])
+
+
+def _tile_input(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """nchw (N, C, H, W) padded by (top, bottom, left, right) (negative crops) -> (tile buffer, output size).
+
+    One copy: the NCHW -> NHWC transpose and the zero padding, rounded up to whole 4x4 tiles.
+    """
+    top, bottom, left, right = pads
+    batch, channels, height, width = nchw.shape
+    out_hw = (height + top + bottom - 2, width + left + right - 2)
+    grid = _tile_grid(nchw.new_empty(batch, 0, 0, channels), out_hw)
+    source = nchw.permute(0, 2, 3, 1)[:, max(0, -top) : height - max(0, -bottom), max(0, -left) : width - max(0, -right)]
+    grid[:, max(0, top) : max(0, top) + source.shape[1], max(0, left) : max(0, left) + source.shape[2]] = source
+    return grid, out_hw
+
+
+def _input_transform(grid: torch.Tensor, images: slice, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """V = B^T d B for the tiles of `rows` in `images` of grid (N, H_t, W_t, C) -> out (16, N_b*R*T_w, C)."""
+    block = grid[images, 2 * rows.start : 2 * rows.stop + 2]
+    batch, _, grid_width, channels = block.shape
+    tiles_w = (grid_width - 2) // 2
+    count = rows.stop - rows.start
+    picks = [block[:, k : k + 2 * count : 2] for k in range(4)]  # row k of every tile: (N_b, R, W_t, C)
+    row_mixed = (picks[0] - picks[2], picks[1] + picks[2], picks[2] - picks[1], picks[1] - picks[3])
+    tiles = out.view(4, 4, batch, count, tiles_w, channels)
+    for a, mixed in enumerate(row_mixed):
+        cols = [mixed[:, :, k : k + 2 * tiles_w : 2] for k in range(4)]
+        torch.sub(cols[0], cols[2], out=tiles[a, 0])
+        torch.add(cols[1], cols[2], out=tiles[a, 1])
+        torch.sub(cols[2], cols[1], out=tiles[a, 2])
+        torch.sub(cols[1], cols[3], out=tiles[a, 3])
+    return out
+
+
+def _output_transform(products: torch.Tensor, output: torch.Tensor, images: slice, rows: slice) -> None:
+    """Y = A^T M A: products (16, N_b*R*T_w, K) -> the 2x2 tiles of output (N, 2*T_h, 2*T_w, K) in `rows`."""
+    block = output[images, 2 * rows.start : 2 * rows.stop]
+    batch, _, out_width, channels = block.shape
+    count, tiles_w = rows.stop - rows.start, out_width // 2
+    tiles = products.view(4, 4, batch, count, tiles_w, channels)
+    top = tiles[0] + tiles[1] + tiles[2]  # (4, N_b, R, T_w, K): tile row 0, per column b
+    bottom = tiles[1] - tiles[2] - tiles[3]
+    for u, mixed in enumerate((top, bottom)):
+        torch.add(mixed[0] + mixed[1], mixed[2], out=block[:, u::2, 0::2])
+        torch.sub(mixed[1] - mixed[2], mixed[3], out=block[:, u::2, 1::2])
+
+
+def _output_adjoint(grid: torch.Tensor, images: slice, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """dM = A dY A^T: grad of output (N, 2*T_h, 2*T_w, K) in `rows` -> out (16, N_b*R*T_w, K)."""
+    block = grid[images, 2 * rows.start : 2 * rows.stop]
+    batch, _, out_width, channels = block.shape
+    count, tiles_w = rows.stop - rows.start, out_width // 2
+    first, second = block[:, 0::2], block[:, 1::2]
+    row_mixed = (first, first + second, first - second, -second)
+    tiles = out.view(4, 4, batch, count, tiles_w, channels)
+    for a, mixed in enumerate(row_mixed):
+        left, right = mixed[:, :, 0::2], mixed[:, :, 1::2]
+        tiles[a, 0].copy_(left)
+        torch.add(left, right, out=tiles[a, 1])
+        torch.sub(left, right, out=tiles[a, 2])
+        torch.neg(right, out=tiles[a, 3])
+    return out
+
+
+def _transformed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g G^T: weight (C_out, C_in, 3, 3) -> (16, C_in, C_out)."""
+    g = weight.new_tensor(_G)
+    return torch.einsum("xi,kcij,yj->xyck", g, weight, g).reshape(16, weight.shape[1], weight.shape[0])
+
+
+def _blocks(batch: int, tiles_h: int, tiles_w: int, channels: int, element_size: int):
+    """(images, tile rows) blocks whose 16-position tile buffer stays under BLOCK_BYTES and the workspace limit."""
+    row_bytes = 16 * tiles_w * channels * element_size
+    limit = min(BLOCK_BYTES, get_limits().im2col_workspace_bytes)
+    return _row_blocks(batch, tiles_h, row_bytes, limit)
+
+
+def _scratch(like: torch.Tensor, capacity: int):
+    """A reusable flat buffer of `capacity` elements and f(positions, channels) -> its (16, positions, channels) view.
+
+    Reused across blocks so each call faults in its tile buffers once, not once per block.
+    """
+    flat = like.new_empty(capacity)
+    return lambda positions, channels: flat[: 16 * positions * channels].view(16, positions, channels)
+
+
+def _winograd_conv(grid: torch.Tensor, out_hw: tuple[int, int], transformed: torch.Tensor) -> torch.Tensor:
+    """Valid 3x3 conv of tile buffer grid (N, 2*T_h + 2, 2*T_w + 2, C) -> (N, H_out, W_out, K) view (NHWC)."""
+    batch, grid_height, grid_width, channels = grid.shape
+    tiles_h, tiles_w = (grid_height - 2) // 2, (grid_width - 2) // 2
+    out_channels = transformed.shape[2]
+    output = grid.new_empty(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
+    blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
+    most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+    tile_buffer, product_buffer = _scratch(grid, 16 * most * channels), _scratch(grid, 16 * most * out_channels)
+    for images, rows in blocks:
+        positions = (images.stop - images.start) * (rows.stop - rows.start) * tiles_w
+        tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))
+        products = torch.bmm(tiles, transformed, out=product_buffer(positions, out_channels))
+        _output_transform(products, output, images, rows)
+    return output[:, : out_hw[0], : out_hw[1]]
+
+
+class Winograd(ConvAlgorithm):
+    name = "winograd"
+
+    def support(self) -> Support:
+        return Support(
+            devices=("cpu", "cuda"),
+            dtypes=("float64", "float32", "float16", "bfloat16"),
+            double_backward=True,
+            notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops)",
+        )
+
+    def check(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
+        super().check(input, weight, spec)
+        if tuple(weight.shape[2:]) != (3, 3):
+            raise UnsupportedProblem(f"algorithm 'winograd' needs a 3x3 kernel, got {tuple(weight.shape[2:])}")
+        if spec.stride != (1, 1) or spec.dilation != (1, 1) or spec.groups != 1:
+            raise UnsupportedProblem(
+                f"algorithm 'winograd' needs stride (1, 1), dilation (1, 1), groups 1; "
+                f"got stride {spec.stride}, dilation {spec.dilation}, groups {spec.groups}"
+            )
+
+    def forward(self, input, weight, bias, spec):
+        if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
+            return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+        grid, out_hw = _tile_input(input, spec.padding)
+        output = _winograd_conv(grid, out_hw, _transformed_weight(weight))
+        if bias is not None:
+            output = output + bias
+        return output.permute(0, 3, 1, 2)
+
+    def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        if torch.is_grad_enabled():  # double backward: out= buffers are not differentiable
+            return get("shifted_gemm").backward(grad_output, input, weight, spec, need_input, need_weight)
+        if input.dtype in HALF:
+            grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
+            return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
+        grad_input = grad_weight = None
+        if need_input:
+            top, bottom, left, right = spec.padding
+            grid, out_hw = _tile_input(grad_output, (2 - top, 2 - bottom, 2 - left, 2 - right))
+            flipped = _transformed_weight(weight.flip(2, 3).transpose(0, 1))
+            grad_input = _winograd_conv(grid, out_hw, flipped).permute(0, 3, 1, 2)
+        if need_weight:
+            grad_weight = self._grad_weight(grad_output, input, weight, spec)
+        return grad_input, grad_weight
+
+    @staticmethod
+    def _grad_weight(grad_output, input, weight, spec):
+        """dW = G^T (sum over tiles V^T dM) G, with the forward's tiling of the input."""
+        grid, out_hw = _tile_input(input, spec.padding)
+        batch, grid_height, grid_width, channels = grid.shape
+        tiles_h, tiles_w = (grid_height - 2) // 2, (grid_width - 2) // 2
+        out_channels = weight.shape[0]
+        grad_grid = grid.new_zeros(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
+        grad_grid[:, : out_hw[0], : out_hw[1]] = grad_output.permute(0, 2, 3, 1)
+        grad_transformed = grid.new_zeros(16, channels, out_channels)
+        blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
+        most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+        tile_buffer, grad_buffer = _scratch(grid, 16 * most * channels), _scratch(grid, 16 * most * out_channels)
+        for images, rows in blocks:
+            positions = (images.stop - images.start) * (rows.stop - rows.start) * tiles_w
+            tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))
+            grad_products = _output_adjoint(grad_grid, images, rows, grad_buffer(positions, out_channels))
+            grad_transformed.baddbmm_(tiles.transpose(1, 2), grad_products)
+        g = weight.new_tensor(_G)
+        return torch.einsum("xi,xyck,yj->kcij", g, grad_transformed.view(4, 4, channels, out_channels), g)
+
+
+register(Winograd())
