@@ -109,8 +109,14 @@ def _blame(message: str) -> str:
     return "weight"
 
 
-def _output_shape(options: ForwardOptions, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...]:
-    """Validate the conv arguments with kernels' rules on meta tensors; -> the output's shape."""
+def _output_shape(
+    options: ForwardOptions, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[tuple[int, ...], ForwardOptions]:
+    """Validate the conv arguments with kernels' rules on meta tensors; -> the output's shape, and the
+    options with the stride clamped to the span the kernel can move over.
+
+    A stride past that span gives the same one-pixel output whatever its size, but torch's CPU backward
+    (the parity oracle) crashes the whole process on strides near 2**16, so no conv ever sees one."""
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     meta = [tensor.to("meta") if tensor is not None else None for tensor in (batched, weight, bias)]
     try:
@@ -119,7 +125,15 @@ def _output_shape(options: ForwardOptions, input: torch.Tensor, weight: torch.Te
         raise InvalidField(_blame(str(error)), str(error)) from None
     out_height, out_width = spec.output_size(batched.shape[2], batched.shape[3], weight.shape[2], weight.shape[3])
     shape = (batched.shape[0], weight.shape[0], out_height, out_width)
-    return shape if input.dim() == 4 else shape[1:]
+    top, bottom, left, right = spec.padding
+    spans = (
+        batched.shape[2] + top + bottom - spec.dilation[0] * (weight.shape[2] - 1),
+        batched.shape[3] + left + right - spec.dilation[1] * (weight.shape[3] - 1),
+    )
+    stride = [max(1, min(step, span)) for step, span in zip(spec.stride, spans)]
+    if tuple(stride) != spec.stride:
+        options = options.model_copy(update={"stride": stride})
+    return (shape if input.dim() == 4 else shape[1:]), options
 
 
 def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[str], default_device: str) -> Problem:
@@ -150,7 +164,7 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
     grad_output = grad_output.to(dtype) if grad_output is not None else None
     _check_algorithm(options.algorithm, device, dtype)
 
-    output_shape = _output_shape(options, input, weight, bias)
+    output_shape, options = _output_shape(options, input, weight, bias)
     if grad_output is not None and tuple(grad_output.shape) != output_shape:
         raise InvalidField("grad_output", f"grad_output must have the output's shape {list(output_shape)}, got {list(grad_output.shape)}")
     output_elements = torch.Size(output_shape).numel()

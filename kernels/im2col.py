@@ -21,16 +21,18 @@ from kernels.base import ConvAlgorithm, Support, register
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
+from kernels.workspace import scratch
 
 
 def _padded_nhwc(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """input (N, C, H, W) -> zero-padded (N, H_pad, W_pad, C), contiguous."""
     top, bottom, left, right = spec.padding
     nhwc = input.permute(0, 2, 3, 1)
-    if not any(spec.padding):
-        return nhwc.contiguous()
     batch, height, width, channels = nhwc.shape
-    padded = nhwc.new_zeros(batch, height + top + bottom, width + left + right, channels)
+    shape = (batch, height + top + bottom, width + left + right, channels)
+    padded = scratch("im2col_padded", shape[0] * shape[1] * shape[2] * shape[3], input).view(shape)
+    if any(spec.padding):
+        padded.zero_()
     padded[:, top : top + height, left : left + width] = nhwc
     return padded
 
@@ -67,8 +69,9 @@ def _row_blocks(batch: int, out_height: int, row_bytes: int, limit: int | None =
 def _grouped_columns(patches: torch.Tensor, groups: int) -> torch.Tensor:
     """(N_b, R, W_out, kH, kW, C) patches -> (groups, N_b*R*W_out, kH*kW*C/groups) columns."""
     *lead, kernel_h, kernel_w, channels = patches.shape
-    if groups == 1:
-        return patches.reshape(1, -1, kernel_h * kernel_w * channels)
+    if groups == 1:  # one gather-copy into the reused patch buffer (kernels/workspace.py)
+        columns = scratch("im2col_columns", patches.numel(), patches).view(patches.shape)
+        return columns.copy_(patches).view(1, -1, kernel_h * kernel_w * channels)
     split = patches.reshape(*lead, kernel_h, kernel_w, groups, channels // groups)
     return split.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, -1, kernel_h * kernel_w * (channels // groups))
 
@@ -162,6 +165,8 @@ class Im2col(ConvAlgorithm):
         batch = padded.shape[0]
         if _is_depthwise(weight, spec.groups):
             output = self._depthwise_forward(padded, weight, spec, out_height, out_width)
+        elif spec.groups == 1 and input.is_contiguous():
+            return self._nchw_forward(padded, weight, bias, spec, (out_height, out_width))
         else:
             output = padded.new_empty(batch, out_height, out_width, out_channels)
             weights = _weight_matrix(weight, spec.groups)
@@ -177,6 +182,29 @@ class Im2col(ConvAlgorithm):
         if bias is not None:
             output += bias
         return output.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _nchw_forward(padded, weight, bias, spec, out_hw):
+        """groups == 1, NCHW input: each image's output (C_out, H_out*W_out) = weight_rows @ columns^T.
+
+        The same GEMM as the NHWC one with the operands swapped (MKL runs it as fast), but the result
+        is already NCHW, which saves the NHWC -> NCHW copy of the output that NCHW callers get
+        (measured on the 7x7 stem, 1 thread: 1.5 ms of a 9 ms forward).
+        """
+        out_channels, _, kernel_h, kernel_w = weight.shape
+        batch = padded.shape[0]
+        out_height, out_width = out_hw
+        output = padded.new_empty(batch, out_channels, out_height * out_width)
+        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (C_out, kH*kW*C_in): the column order
+        row_bytes = out_width * weight_rows.shape[1] * padded.element_size()
+        for images, rows in _row_blocks(batch, out_height, row_bytes):
+            columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), 1)
+            columns = columns.view(images.stop - images.start, -1, weight_rows.shape[1])
+            block = output[images, :, rows.start * out_width : rows.stop * out_width]
+            torch.matmul(weight_rows, columns.transpose(1, 2), out=block)
+        if bias is not None:
+            output += bias.view(-1, 1)
+        return output.view(batch, out_channels, out_height, out_width)
 
     def _depthwise_forward(self, padded, weight, spec, out_height, out_width):
         """padded (N, H_pad, W_pad, C) -> (N, H_out, W_out, C*m) for a channel multiplier m."""
@@ -228,7 +256,12 @@ class Im2col(ConvAlgorithm):
                 columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
                 grad_matrix = grad_matrix + torch.bmm(columns.transpose(1, 2), grad_block)
             if grad_padded is not None:
-                grad_columns = torch.bmm(grad_block, weights.transpose(1, 2))
+                grad_columns = scratch("im2col_grad_columns", grad_block.shape[0] * grad_block.shape[1] * weights.shape[1], grad_block)
+                grad_columns = grad_columns.view(grad_block.shape[0], grad_block.shape[1], weights.shape[1])
+                if torch.is_grad_enabled():  # double backward: no out=
+                    grad_columns = torch.bmm(grad_block, weights.transpose(1, 2))
+                else:
+                    torch.bmm(grad_block, weights.transpose(1, 2), out=grad_columns)
                 self._col2im(grad_columns, grad_padded[images], spec, weight.shape, rows, out_width)
         return _weight_from_matrix(grad_matrix, weight.shape) if need_weight else None
 

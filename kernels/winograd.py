@@ -32,6 +32,7 @@ from kernels.im2col import _row_blocks
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
+from kernels.workspace import scratch
 
 # Tile buffers are processed in blocks of at most this size (and the workspace limit), reused across
 # blocks. Measured (1 thread, N=4): 1-4 MiB blocks lose to 16 MiB (smaller bmm's run slower); 16 MiB
@@ -42,10 +43,9 @@ BLOCK_BYTES = 16 << 20
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-def _tile_grid(padded: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Zero NHWC buffer (N, 2*tiles_h + 2, 2*tiles_w + 2, C) big enough for whole tiles over out_hw."""
-    tiles_h, tiles_w = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
-    return padded.new_zeros(padded.shape[0], 2 * tiles_h + 2, 2 * tiles_w + 2, padded.shape[3])
+def _tile_grid(like: torch.Tensor, shape: tuple[int, int, int, int], slot: str) -> torch.Tensor:
+    """Zeroed scratch tensor of `shape` (a tile buffer: it never leaves the algorithm call)."""
+    return scratch(slot, shape[0] * shape[1] * shape[2] * shape[3], like).zero_().view(shape)
 
 
 def _tile_input(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -56,7 +56,8 @@ def _tile_input(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[to
     top, bottom, left, right = pads
     batch, channels, height, width = nchw.shape
     out_hw = (height + top + bottom - 2, width + left + right - 2)
-    grid = _tile_grid(nchw.new_empty(batch, 0, 0, channels), out_hw)
+    tiles_h, tiles_w = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    grid = _tile_grid(nchw, (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels), "winograd_grid")
     source = nchw.permute(0, 2, 3, 1)[:, max(0, -top) : height - max(0, -bottom), max(0, -left) : width - max(0, -right)]
     grid[:, max(0, top) : max(0, top) + source.shape[1], max(0, left) : max(0, left) + source.shape[2]] = source
     return grid, out_hw
@@ -69,7 +70,11 @@ def _input_transform(grid: torch.Tensor, images: slice, rows: slice, out: torch.
     tiles_w = (grid_width - 2) // 2
     count = rows.stop - rows.start
     picks = [block[:, k : k + 2 * count : 2] for k in range(4)]  # row k of every tile: (N_b, R, W_t, C)
-    row_mixed = (picks[0] - picks[2], picks[1] + picks[2], picks[2] - picks[1], picks[1] - picks[3])
+    row_mixed = scratch("winograd_rows", 4 * batch * count * grid_width * channels, grid).view(4, batch, count, grid_width, channels)
+    torch.sub(picks[0], picks[2], out=row_mixed[0])
+    torch.add(picks[1], picks[2], out=row_mixed[1])
+    torch.sub(picks[2], picks[1], out=row_mixed[2])
+    torch.sub(picks[1], picks[3], out=row_mixed[3])
     tiles = out.view(4, 4, batch, count, tiles_w, channels)
     for a, mixed in enumerate(row_mixed):
         cols = [mixed[:, :, k : k + 2 * tiles_w : 2] for k in range(4)]
@@ -86,11 +91,15 @@ def _output_transform(products: torch.Tensor, output: torch.Tensor, images: slic
     batch, _, out_width, channels = block.shape
     count, tiles_w = rows.stop - rows.start, out_width // 2
     tiles = products.view(4, 4, batch, count, tiles_w, channels)
-    top = tiles[0] + tiles[1] + tiles[2]  # (4, N_b, R, T_w, K): tile row 0, per column b
-    bottom = tiles[1] - tiles[2] - tiles[3]
-    for u, mixed in enumerate((top, bottom)):
-        torch.add(mixed[0] + mixed[1], mixed[2], out=block[:, u::2, 0::2])
-        torch.sub(mixed[1] - mixed[2], mixed[3], out=block[:, u::2, 1::2])
+    mixed = scratch("winograd_rows", 10 * batch * count * tiles_w * channels, products).view(10, batch, count, tiles_w, channels)
+    top, bottom, pair = mixed[0:4], mixed[4:8], mixed[8:10]
+    torch.add(tiles[0], tiles[1], out=top).add_(tiles[2])  # (4, N_b, R, T_w, K): tile row 0, per column b
+    torch.sub(tiles[1], tiles[2], out=bottom).sub_(tiles[3])
+    for u, rows_u in enumerate((top, bottom)):
+        torch.add(rows_u[0], rows_u[1], out=pair[0])
+        torch.add(pair[0], rows_u[2], out=block[:, u::2, 0::2])
+        torch.sub(rows_u[1], rows_u[2], out=pair[1])
+        torch.sub(pair[1], rows_u[3], out=block[:, u::2, 1::2])
 
 
 def _output_adjoint(grid: torch.Tensor, images: slice, rows: slice, out: torch.Tensor) -> torch.Tensor:
@@ -123,12 +132,12 @@ def _blocks(batch: int, tiles_h: int, tiles_w: int, channels: int, element_size:
     return _row_blocks(batch, tiles_h, row_bytes, limit)
 
 
-def _scratch(like: torch.Tensor, capacity: int):
+def _scratch(like: torch.Tensor, capacity: int, slot: str):
     """A reusable flat buffer of `capacity` elements and f(positions, channels) -> its (16, positions, channels) view.
 
     Reused across blocks so each call faults in its tile buffers once, not once per block.
     """
-    flat = like.new_empty(capacity)
+    flat = scratch(slot, capacity, like)
     return lambda positions, channels: flat[: 16 * positions * channels].view(16, positions, channels)
 
 
@@ -140,7 +149,8 @@ def _winograd_conv(grid: torch.Tensor, out_hw: tuple[int, int], transformed: tor
     output = grid.new_empty(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
     blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
     most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
-    tile_buffer, product_buffer = _scratch(grid, 16 * most * channels), _scratch(grid, 16 * most * out_channels)
+    tile_buffer = _scratch(grid, 16 * most * channels, "winograd_tiles")
+    product_buffer = _scratch(grid, 16 * most * out_channels, "winograd_products")
     for images, rows in blocks:
         positions = (images.stop - images.start) * (rows.stop - rows.start) * tiles_w
         tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))
@@ -202,12 +212,13 @@ class Winograd(ConvAlgorithm):
         batch, grid_height, grid_width, channels = grid.shape
         tiles_h, tiles_w = (grid_height - 2) // 2, (grid_width - 2) // 2
         out_channels = weight.shape[0]
-        grad_grid = grid.new_zeros(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
+        grad_grid = _tile_grid(grid, (batch, 2 * tiles_h, 2 * tiles_w, out_channels), "winograd_grad_grid")
         grad_grid[:, : out_hw[0], : out_hw[1]] = grad_output.permute(0, 2, 3, 1)
         grad_transformed = grid.new_zeros(16, channels, out_channels)
         blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
         most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
-        tile_buffer, grad_buffer = _scratch(grid, 16 * most * channels), _scratch(grid, 16 * most * out_channels)
+        tile_buffer = _scratch(grid, 16 * most * channels, "winograd_tiles")
+        grad_buffer = _scratch(grid, 16 * most * out_channels, "winograd_products")
         for images, rows in blocks:
             positions = (images.stop - images.start) * (rows.stop - rows.start) * tiles_w
             tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))

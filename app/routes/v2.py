@@ -18,7 +18,13 @@ from app.v2.errors import ModelNotFound, V2Route, error_response
 from app.v2.models import MODELS, VERSION, Model, server_metadata
 from app.worker import DeviceWorker
 
-router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
+_ERROR_BODY = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2"],
+    route_class=V2Route,
+    responses={404: {"description": 'Unknown model or version: {"error": "..."}', "content": _ERROR_BODY}},
+)
 
 _INFER_EXAMPLE = {
     "inputs": [

@@ -41,6 +41,12 @@ def launch(log_dir: Path, name: str, module: str = "app", **env: str) -> Server:
     return Server(f"http://127.0.0.1:{port}", process, log)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_results() -> None:
+    """results/reliability.jsonl holds this session's figures only."""
+    RESULTS.unlink(missing_ok=True)
+
+
 def record(figure: str, **values: object) -> None:
     """Print a measured figure and append it to results/reliability.jsonl for docs/reliability.md."""
     line = json.dumps({"figure": figure, **values}, sort_keys=True)
@@ -69,6 +75,11 @@ def seed_body(**overrides: object) -> dict:
     return body
 
 
+def tagged_body(algorithm: str, tag: int) -> dict:
+    """A 1x1x3x`tag` problem run by `algorithm`; the input width names the request in the fault record."""
+    return {"input": [[[[1.0] * tag] * 3]], "weight": [[[[1.0]]]], "algorithm": algorithm}
+
+
 def assert_clean(response: httpx.Response) -> None:
     """No traceback, source path or tensor value in an error body."""
     text = response.text
@@ -89,7 +100,7 @@ async def read_response(reader) -> bytes:
     return head + await reader.readexactly(length)
 
 
-def _session_server(tmp_path_factory, name: str, module: str = "app", **env: str) -> Iterator[Server]:
+def session_server(tmp_path_factory, name: str, module: str = "app", **env: str) -> Iterator[Server]:
     server = launch(tmp_path_factory.mktemp(name), name, module, **env)
     try:
         wait_ready(server)
@@ -101,13 +112,13 @@ def _session_server(tmp_path_factory, name: str, module: str = "app", **env: str
 @pytest.fixture(scope="session")
 def main_server(tmp_path_factory) -> Iterator[Server]:
     """Default settings, CONV_HOST not set: the bad-input corpus, the fuzzer and the bind check use it."""
-    yield from _session_server(tmp_path_factory, "main")
+    yield from session_server(tmp_path_factory, "main")
 
 
 @pytest.fixture(scope="session")
 def keyed_server(tmp_path_factory) -> Iterator[Server]:
     """CONV_API_KEY set, access logs on (debug): the auth walk and the log checks."""
-    yield from _session_server(tmp_path_factory, "keyed", CONV_HOST="127.0.0.1", CONV_API_KEY=API_KEY, CONV_LOG_LEVEL="debug")
+    yield from session_server(tmp_path_factory, "keyed", CONV_HOST="127.0.0.1", CONV_API_KEY=API_KEY, CONV_LOG_LEVEL="debug")
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +130,7 @@ def fault_record(tmp_path_factory) -> Path:
 def faulty_server(tmp_path_factory, fault_record: Path) -> Iterator[Server]:
     """The faulty algorithms registered, one queue slot, a 2 s body deadline, bodies parsed in threads
     (a spawned parse process would not know the faulty names)."""
-    yield from _session_server(
+    yield from session_server(
         tmp_path_factory,
         "faulty",
         "tests.reliability.serve_faulty",

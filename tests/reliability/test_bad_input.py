@@ -248,6 +248,21 @@ def test_huge_integer_literals_follow_the_documented_policy(main_server) -> None
 
 
 def test_zz_corpus_size() -> None:
-    cases = len(_cases()) + 2 * len(ROUTES) + len(ROUTES) + 1
-    record("bad_input_cases", cases=cases, corpus_items=len(CASES) + DECLARED_AND_STREAMED + 2)
+    # The parametrised corpus, plus per route: declared and chunked over-cap bodies, the reference
+    # refusal and the huge stride; plus the huge-integer policy test.
+    cases = len(_cases()) + 4 * len(ROUTES) + 1
+    record("bad_input_cases", cases=cases, corpus_items=len(CASES) + 4 + 1)
     assert cases >= 100
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_huge_stride_is_served_not_a_crash(main_server, route: str) -> None:
+    """Found by the fuzzer: torch's CPU conv backward (the parity oracle) segfaults on strides near 2**16;
+    the service clamps a stride past the kernel's span, which leaves the one-pixel output unchanged."""
+    body = seed_body(stride=[65535, 1048576], padding=0, encoding="flat")
+    response = httpx.post(f"{main_server.url}{route}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["parity"]["ok"]
+    if route == "/forward":
+        assert response.json()["output"]["shape"] == [2, 2, 1, 1]
+    assert_healthy(main_server)

@@ -18,14 +18,9 @@ import torch
 from app.errors import OutOfDeviceMemory
 from app.worker import DeviceWorker
 from tests.integration.conftest import Server, stop, wait_ready
-from tests.reliability.conftest import assert_clean, assert_healthy, launch, read_response, record, seed_body
+from tests.reliability.conftest import assert_clean, assert_healthy, launch, read_response, record, seed_body, tagged_body
 
 pytestmark = pytest.mark.anyio
-
-
-def tagged_body(algorithm: str, tag: int) -> dict:
-    """A 1x1x3x`tag` problem run by `algorithm`; the input width names the request in the fault record."""
-    return {"input": [[[[1.0] * tag] * 3]], "weight": [[[[1.0]]]], "algorithm": algorithm}
 
 
 def runs(record_path: Path) -> list[str]:
