@@ -28,6 +28,8 @@ def _padded_nhwc(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """input (N, C, H, W) -> zero-padded (N, H_pad, W_pad, C), contiguous."""
     top, bottom, left, right = spec.padding
     nhwc = input.permute(0, 2, 3, 1)
+    if not any(spec.padding) and nhwc.is_contiguous():  # channels_last input: already the layout we need
+        return nhwc
     batch, height, width, channels = nhwc.shape
     shape = (batch, height + top + bottom, width + left + right, channels)
     padded = scratch("im2col_padded", shape[0] * shape[1] * shape[2] * shape[3], input).view(shape)
