@@ -10,29 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.kernels.cases import ALGORITHMS, Case, grid, make_inputs, our_conv
-
-FORBIDDEN = ("convolution", "conv2d", "conv_transpose", "cudnn", "mkldnn", "thnn_conv", "conv_depthwise")
-# Prefixes of the ops that do a conv's multiplies (in-place variants included: addcmul_, mul_).
-MULTIPLIES = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten.mul", "aten.addcmul", "aten.dot")
-
-
-class OpSpy(TorchDispatchMode):
-    """Records the name of every aten op dispatched while active ("aten.mm.default", ...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def forbidden(ops: list[str]) -> list[str]:
-    return sorted({op for op in ops if any(word in op for word in FORBIDDEN)})
+from tests.kernels.op_spy import OpSpy, forbidden, multiplies
 
 
 def spied_passes(conv, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, list[str]]:
@@ -65,7 +45,7 @@ def test_no_torch_conv_op_is_dispatched(case, algorithm, dtype, device):
     passes = spied_passes(lambda *args: our_conv(case, *args, algorithm), input, weight, bias)
     for name, ops in passes.items():
         # The spy must have seen the pass's arithmetic, or an empty record would pass vacuously.
-        assert any(op.startswith(MULTIPLIES) for op in ops), f"{name}: spy saw no multiply among {sorted(set(ops))}"
+        assert multiplies(ops), f"{name}: spy saw no multiply among {sorted(set(ops))}"
         assert forbidden(ops) == [], f"{name} dispatched torch conv ops"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="triton is not installed: the 'triton' algorithm is not registered")
 
@@ -19,6 +18,7 @@ import kernels  # noqa: E402
 from kernels.base import UnsupportedProblem  # noqa: E402
 from kernels.tolerances import tolerance  # noqa: E402
 from tests.kernels.cases import CASES, CUDA, Case, grads, layout_flags, make_inputs, our_conv, seeded, torch_conv  # noqa: E402
+from tests.kernels.op_spy import OpSpy, forbidden, multiplies
 
 if "triton" not in kernels.names():
     pytest.skip("kernels.triton_conv failed to import", allow_module_level=True)
@@ -28,8 +28,6 @@ from kernels import triton_conv  # noqa: E402
 INTERPRETED = "cpu" in kernels.algorithms()["triton"]["devices"]
 # aten ops that would mean torch did the convolution or its multiplies (tests/kernels/test_no_torch_conv.py
 # checks every algorithm for the first; here the stricter claim: no torch multiply at all).
-CONV_OPS = ("convolution", "conv2d", "conv_transpose", "cudnn", "mkldnn", "thnn_conv", "conv_depthwise")
-MULTIPLY_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten.mul", "aten.addcmul", "aten.dot", "aten.einsum")
 GRAD_NAMES = ("grad_input", "grad_weight", "grad_bias")
 
 # Beyond the shared grid: the paths the shared grid's 3-4 channel problems do not reach.
@@ -53,18 +51,6 @@ HALF_CASES = [case for case in ALL_CASES if case.id in ("basic", "stem_c3_7x7_s2
 
 CPU = pytest.mark.skipif(not INTERPRETED, reason="triton runs on cpu only under TRITON_INTERPRET=1")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
-
-
-class OpSpy(TorchDispatchMode):
-    """Records the name of every aten op dispatched while active ("aten.mm.default", ...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -140,8 +126,8 @@ def test_math_runs_in_triton_not_torch(case, device):
     with OpSpy() as spy:
         output = our_conv(case, input, weight, bias, "triton")
         torch.autograd.grad(output, [input, weight, bias], torch.ones_like(output))
-    assert not [op for op in spy.ops if any(word in op for word in CONV_OPS)], f"torch conv ops in {sorted(set(spy.ops))}"
-    assert not [op for op in spy.ops if op.startswith(MULTIPLY_OPS)], f"torch multiplies in {sorted(set(spy.ops))}"
+    assert forbidden(spy.ops) == [], f"torch conv ops in {sorted(set(spy.ops))}"
+    assert multiplies(spy.ops) == [], f"torch multiplies in {sorted(set(spy.ops))}"
     assert any("sum" in op for op in spy.ops), "the spy saw nothing (grad_bias's sum should be there)"
 
 
