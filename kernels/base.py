@@ -22,13 +22,18 @@ class WorkTooLarge(UnsupportedProblem):
     """The problem exceeds a work limit (e.g. the reference algorithm's MAC limit)."""
 
 
+# What an algorithm built from plain torch ops runs on: every device torch has, every float dtype.
+TORCH_DEVICES = ("cpu", "cuda")
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class Support:
     """What an algorithm can run, as reported by `kernels.algorithms()` and the service's /info."""
 
-    devices: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    double_backward: bool
+    devices: tuple[str, ...] = TORCH_DEVICES
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    double_backward: bool = True
     notes: str = ""
     limits: dict = field(default_factory=dict)
 

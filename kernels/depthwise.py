@@ -67,9 +67,6 @@ class Depthwise(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="depthwise only (C_in/groups == 1, any multiplier): one fused multiply-add per kernel tap, no padded copy",
         )
 

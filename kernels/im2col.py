@@ -151,9 +151,6 @@ class Im2col(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="channels-last patch GEMM, chunked under a workspace cap; depthwise as tap-wise multiply-adds",
             limits={"workspace_bytes": get_limits().im2col_workspace_bytes},
         )

@@ -48,9 +48,6 @@ class Pointwise(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="1x1 kernels without padding only: GEMMs in the input's layout (NCHW per image, or NHWC rows)",
         )
 

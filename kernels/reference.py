@@ -30,9 +30,6 @@ class Reference(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="ground truth: loops over groups and kernel taps, float64 accumulation",
             limits={"max_macs": get_limits().reference_max_macs},
         )

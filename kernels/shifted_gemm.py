@@ -104,9 +104,6 @@ class ShiftedGemm(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="stride 1 only: kH*kW GEMMs on row-shifted slices of the padded NHWC input, no patch copy",
         )
 

@@ -164,9 +164,6 @@ class Winograd(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            devices=("cpu", "cuda"),
-            dtypes=("float64", "float32", "float16", "bfloat16"),
-            double_backward=True,
             notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops)",
         )
 
