@@ -48,7 +48,33 @@ def _stand_in(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor
 
 
 def _chosen_algorithm(problem: Problem, device: torch.device) -> str:
-    """The algorithm "auto" resolves to, so the response can name it (kernels.conv2d does not say)."""
+    """The algorithm "auto" resolves to, so the response can name it (kernels.conv2d does not say).
+
+    Cached per shape and options: resolving means validating the call again on stand-in tensors,
+    ~45 us that a tiny request would otherwise pay twice (here and inside kernels.conv2d)."""
+    options = problem.options
+    key = (
+        tuple(problem.input.shape),
+        tuple(problem.weight.shape),
+        problem.bias is not None,
+        problem.dtype,
+        device,
+        *(tuple(value) if isinstance(value, list) else value for value in _conv_args(problem)),
+        options.algorithm,
+    )
+    name = _CHOSEN.get(key)
+    if name is None:
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        name = _CHOSEN[key] = _resolve(problem, device)
+    return name
+
+
+_CHOSEN: dict[tuple, str] = {}
+_CHOSEN_MAX = 1024
+
+
+def _resolve(problem: Problem, device: torch.device) -> str:
     options = problem.options
     input, weight, bias = (_stand_in(t, device) for t in (problem.input, problem.weight, problem.bias))
     batched = input if input.dim() == 4 else input.unsqueeze(0)
@@ -145,10 +171,12 @@ SINGLE_THREAD_MACS = 2_000_000
 
 
 @contextmanager
-def _intra_op_threads(problem: Problem, device: torch.device) -> Iterator[None]:
-    """One torch thread for small CPU problems, the process default otherwise; restored afterwards."""
+def _intra_op_threads(problem: Problem, device: torch.device, inline: bool) -> Iterator[None]:
+    """One torch thread for small CPU problems, the process default otherwise; restored afterwards.
+    Not for inline runs (on the event loop, beside the worker thread): they are below torch's parallel
+    grain size anyway, and the thread count must not change under the worker's running conv."""
     default = torch.get_num_threads()
-    wanted = 1 if device.type == "cpu" and problem.macs < SINGLE_THREAD_MACS else default
+    wanted = 1 if device.type == "cpu" and problem.macs < SINGLE_THREAD_MACS and not inline else default
     if wanted == default:
         yield
         return
@@ -160,12 +188,16 @@ def _intra_op_threads(problem: Problem, device: torch.device) -> Iterator[None]:
 
 
 def _run(
-    problem: Problem, device: torch.device, pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object], select: Callable
+    problem: Problem,
+    device: torch.device,
+    pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object],
+    select: Callable,
+    inline: bool,
 ) -> Outcome:
     """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU."""
     options = problem.options
     cpu = torch.device("cpu")
-    with parity.tf32(options.allow_tf32), _intra_op_threads(problem, device):
+    with parity.tf32(options.allow_tf32), _intra_op_threads(problem, device, inline):
         algorithm = _chosen_algorithm(problem, device)
         ours_raw, compute_ms = _timed(device, lambda: pass_(_ours(algorithm), problem, device, problem.dtype))
         ours = select(ours_raw)
@@ -178,13 +210,13 @@ def _run(
     return Outcome(tensors, algorithm, report, {"compute": compute_ms, "reference": reference_ms})
 
 
-def run_forward(problem: Problem, device: torch.device) -> Outcome:
-    return _run(problem, device, _forward_pass, lambda output: {"output": output})
+def run_forward(problem: Problem, device: torch.device, inline: bool = False) -> Outcome:
+    return _run(problem, device, _forward_pass, lambda output: {"output": output}, inline)
 
 
-def run_backward(problem: Problem, device: torch.device) -> Outcome:
+def run_backward(problem: Problem, device: torch.device, inline: bool = False) -> Outcome:
     keep = ("grad_input", "grad_weight", "grad_bias", *(("output",) if problem.options.return_output else ()))
-    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep})
+    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep}, inline)
 
 
 def warm_up(device: torch.device) -> None:

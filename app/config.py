@@ -22,6 +22,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", min_length=1, description="Interface to bind; the container sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes (uvicorn workers) on one port, each with its own device workers, queue and parser: "
+        "one process is bound by the GIL to about one core of request handling. Each gets cores/processes torch threads "
+        "unless OMP_NUM_THREADS is set.",
+    )
     device: str = Field("auto", description='Device for requests that say "device": "auto": auto (CUDA when present), cpu, cuda, cuda:N.')
     max_body_bytes: int = Field(64 * MiB, ge=1024, description="Largest request body; more is refused with 413 before it is read.")
     max_tensor_elements: int = Field(1 << 24, ge=1, description="Largest element count of any one tensor in a request (413 above).")
@@ -32,6 +40,12 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description='MAC limit of algorithm "reference", the slow ground-truth loop (413 above).'
     )
     workspace_bytes: int = Field(256 * MiB, ge=MiB, description="Cap on im2col's patch buffer; larger problems are computed in chunks.")
+    inline_macs: int = Field(
+        1 << 18,
+        ge=0,
+        description='CPU requests with algorithm "auto" and at most this many MACs (x3 for /backward) run on the event loop, '
+        "not through the device queue: for them the thread hand-off costs more than the conv (0: always queue).",
+    )
     queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline per request, from arrival to answer (504 past it).")
     body_timeout_s: float = Field(
@@ -39,6 +53,9 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503.")
     parse_processes: int = Field(1, ge=0, le=64, description="Helper processes that parse bodies of 1 MiB or more (0: parse in threads).")
+    malloc_reuse: bool = Field(
+        True, description="glibc: keep freed blocks up to 32 MiB for reuse instead of fresh pages per request (app/memory.py)."
+    )
     warmup: bool = Field(True, description="Run a small conv on each device at start-up before /readyz turns 200.")
     log_level: LogLevel = Field("info", description="uvicorn and app log level.")
     api_key: SecretStr | None = Field(None, description="When set, /forward and /backward need Authorization: Bearer <key>.")

@@ -13,8 +13,9 @@ from pydantic.json_schema import models_json_schema
 
 import app as package
 import kernels
-from app import compute, errors
+from app import compute, errors, memory
 from app.config import Settings, get_settings
+from app.deps import BEARER_SCHEME
 from app.metrics import Metrics, MetricsMiddleware
 from app.parsing import BodyParser
 from app.routes import backward, forward, health, info, v2
@@ -41,7 +42,7 @@ def _check_device(settings: Settings, devices: list[str]) -> None:
 
 
 def _add_request_schemas(app: FastAPI) -> None:
-    """Declare ForwardRequest / BackwardRequest in components, where the routes' request bodies point."""
+    """Declare ForwardRequest / BackwardRequest and the bearer scheme in components, where the routes point."""
     generate = app.openapi
 
     def openapi() -> dict:
@@ -51,7 +52,9 @@ def _add_request_schemas(app: FastAPI) -> None:
         _, definitions = models_json_schema(
             [(ForwardRequest, "validation"), (BackwardRequest, "validation")], ref_template="#/components/schemas/{model}"
         )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(definitions["$defs"])
+        components.setdefault("securitySchemes", {}).update(BEARER_SCHEME)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -65,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kernels.set_limits(reference_max_macs=settings.reference_max_macs, im2col_workspace_bytes=settings.workspace_bytes)
+        if settings.malloc_reuse:
+            memory.keep_freed_memory()
         workers = {name: DeviceWorker(torch.device(name), settings.queue_size, settings.retry_after_s) for name in devices}
         parser = BodyParser(settings.parse_processes)
         app.state.workers, app.state.parser = workers, parser

@@ -17,9 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app import compute
 from app.codec import encode_tensor
 from app.config import Settings
-from app.deps import read_body
-from app.metrics import Metrics
-from app.parsing import BodyParser
+from app.deps import app_state, check_api_key, read_body
 from app.problem import Problem
 from app.worker import ClientGone, DeviceWorker
 
@@ -51,15 +49,26 @@ def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, flo
         "parity": outcome.parity,
         "timing_ms": timing_ms,
     }
-    return tensor_json[:-1] + b"," + orjson.dumps(report)[1:]
+    return b"".join((memoryview(tensor_json)[:-1], b",", memoryview(orjson.dumps(report))[1:]))  # one copy of megabytes
 
 
 async def run_problem(
     request: Request, workers: dict[str, DeviceWorker], problem: Problem, deadline: float, backward: bool, timing_ms: dict[str, float]
 ) -> compute.Outcome:
     """Queue the checked problem on its device's worker and wait; adds queue / compute / reference to
-    `timing_ms`. Shared by /forward, /backward and the V2 infer route. Raises ClientGone, 503, 504, 507."""
+    `timing_ms`. Shared by /forward, /backward and the V2 infer route. Raises ClientGone, 503, 504, 507.
+
+    Tiny CPU problems with algorithm "auto" (CONV_INLINE_MACS) run right here on the event loop: a
+    few hundred microseconds of work, less than the two thread hand-offs and the GIL contention that
+    queueing them costs. Named algorithms always queue: they may be slow by design (e.g. "reference")."""
     run = compute.run_backward if backward else compute.run_forward
+    worker = workers[problem.device]
+    if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= app_state(request).settings.inline_macs:
+        outcome = worker.run_inline(lambda device: run(problem, device, inline=True))
+        request.state.algorithm = outcome.algorithm
+        timing_ms["queue"] = 0.0
+        timing_ms.update(outcome.timing_ms)
+        return outcome
     started: list[float] = []
 
     def job(device):
@@ -67,17 +76,18 @@ async def run_problem(
         return run(problem, device)
 
     queued = time.perf_counter()
-    outcome = await workers[problem.device].run(job, deadline, request.is_disconnected)
+    outcome = await worker.run(job, deadline, request.is_disconnected)
     request.state.algorithm = outcome.algorithm
     timing_ms["queue"] = ((started[0] if started else queued) - queued) * 1e3
     timing_ms.update(outcome.timing_ms)
     return outcome
 
 
-async def serve_conv(
-    request: Request, settings: Settings, workers: dict[str, DeviceWorker], parser: BodyParser, metrics: Metrics, backward: bool
-) -> Response:
+async def serve_conv(request: Request, backward: bool) -> Response:
     arrived, arrived_monotonic = time.perf_counter(), time.monotonic()
+    state = app_state(request)
+    settings, workers, parser, metrics = state.settings, state.workers, state.parser, state.metrics
+    check_api_key(request, settings)
     deadline = arrived_monotonic + settings.request_timeout_s
     body = await read_body(request, settings, deadline)
     decode_start = time.perf_counter()

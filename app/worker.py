@@ -146,6 +146,14 @@ class DeviceWorker:
                 job.abandoned = True
                 job.future.cancel()
 
+    def run_inline(self, fn: DeviceFn) -> Any:
+        """Run `fn` on the calling thread, outside the queue, with the same error translation as a queued job.
+        For problems so small that the hand-off to the worker thread would cost more than the work."""
+        try:
+            return self._call(fn)
+        finally:
+            self.completed += 1
+
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

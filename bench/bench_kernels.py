@@ -6,6 +6,7 @@ and the ratio ours / nn.Conv2d per shape, plus geometric means over the shapes.
 
     .venv/bin/python -m bench.bench_kernels                       # all shapes, default reps
     .venv/bin/python -m bench.bench_kernels --shapes stem,dw --reps 15 --json /tmp/bench.json
+    .venv-peers/bin/python -m bench.bench_kernels --providers auto --plot docs/img/kernels_ratio.png  # needs matplotlib
 
 A benchmark, not a test: it asserts nothing about speed. It does check each provider's output once
 against nn.Conv2d so a fast wrong answer cannot look good.
@@ -162,6 +163,42 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def plot(report: dict, path: str, provider: str) -> None:
+    """Bar chart of provider / nn.Conv2d per shape (forward and forward+backward) with a line at 1.0, saved as a PNG.
+
+    matplotlib is imported here, not at module level: the project's own environment does not ship it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as missing:
+        raise SystemExit(f"--plot needs matplotlib ({missing}); run with an environment that has it, e.g. .venv-peers/bin/python") from None
+    shapes = [name for name, result in report["shapes"].items() if provider in result["ratio"]]
+    if not shapes:
+        raise SystemExit(f"--plot: provider {provider!r} ran on none of the shapes")
+    positions = range(len(shapes))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(shapes)), 4.2))
+    for offset, kind, label in ((-0.2, "fwd", "forward"), (0.2, "fwd_bwd", "forward+backward")):
+        ratios = [report["shapes"][name]["ratio"][provider][kind] for name in shapes]
+        bars = axes.bar([x + offset for x in positions], ratios, width=0.4, label=label)
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks(list(positions), shapes, rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel(f"{provider} time / nn.Conv2d time")
+    info = report["machine"]
+    axes.set_title(
+        f"{provider} vs nn.Conv2d (oneDNN), batch {report['batch']}, {info['threads']} thread(s), {report['clock']} clock, "
+        f"median of {report['reps']}",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="all", help=f"comma-separated shape names or aliases {sorted(ALIASES)}; default all")
@@ -171,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or process CPU time (for a busy machine)")
     parser.add_argument("--json", help="write the raw medians and ratios to this file")
+    parser.add_argument("--plot", help="draw the ratio per shape to this PNG (needs matplotlib; imported only then)")
+    parser.add_argument("--plot-provider", default="auto", help="which of our providers --plot draws (default auto)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
+    if args.plot:
+        plot(report, args.plot, args.plot_provider)
     return report
 
 

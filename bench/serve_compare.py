@@ -104,13 +104,18 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
                 "OMP_NUM_THREADS": "1",
             },
         ),
-        # Diagnostic: two uvicorn worker processes of the same app, one intra-op thread each.
+        # Our scale-out form on one host: CONV_PROCESSES=2 (2 uvicorn worker processes, 1 torch thread each).
         "ours-2proc": Server(
             "ours-2proc",
-            [args.ours_python, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(args.port), "--workers", "2"]
-            + ["--log-level", "warning", "--no-access-log"],
+            [args.ours_python, "-m", "app"],
             "/readyz",
-            {"CONV_DEVICE": "cpu", "OMP_NUM_THREADS": "1"},
+            {
+                "CONV_HOST": "127.0.0.1",
+                "CONV_PORT": str(args.port),
+                "CONV_LOG_LEVEL": "warning",
+                "CONV_DEVICE": "cpu",
+                "CONV_PROCESSES": "2",
+            },
         ),
         "fastapi-noop": Server(
             "fastapi-noop",
@@ -147,13 +152,19 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
 def variants(server: str, workload: str) -> list[formats.Variant]:
     if server == "ours":
         # Parity on only where a goal asks for it (the seed case): it adds F.conv2d's time to every request.
-        return [formats.ours("list"), formats.ours("base64")] + ([formats.ours("list", parity=True)] if workload == "seed" else [])
+        if workload == "seed":
+            return [formats.ours("list"), formats.ours("base64"), formats.ours("list", parity=True)]
+        return [formats.ours("list"), formats.ours("base64"), formats.ours_v2_binary()]
     if server in ("litserve", "litserve-2w"):
         return [formats.litserve("list", server=server), formats.litserve("base64", server=server)]
     if server == "fastapi-noop":
         return [formats.noop()] if workload == "seed" else []
-    if server in ("ours-1thread", "ours-2proc"):
+    if server == "ours-1thread":
         return [formats.ours("list", parity=True, server=server)] if workload == "seed" else []
+    if server == "ours-2proc":
+        if workload == "seed":
+            return [formats.ours("list", parity=True, server=server), formats.ours("base64", server=server)]
+        return [formats.ours_v2_binary(server=server)]
     return [formats.kserve(binary=False), formats.kserve(binary=True)]
 
 
@@ -337,7 +348,12 @@ def server_timing(variant: formats.Variant, url: str, body: bytes, headers: dict
             start = time.perf_counter()
             response = client.post(url, content=body, headers={"Content-Type": variant.content_type, **headers})
             round_trip = (time.perf_counter() - start) * 1e3
-            for name, value in {**response.json()["timing_ms"], "client_round_trip": round_trip}.items():
+            timing = (
+                formats.v2_binary_timing(response.content, response.headers)
+                if variant.encoding == "v2-binary"
+                else response.json()["timing_ms"]
+            )
+            for name, value in {**timing, "client_round_trip": round_trip}.items():
                 fields.setdefault(name, []).append(value)
     return {name: statistics.median(values) for name, values in fields.items()}
 
@@ -451,7 +467,7 @@ def main() -> None:
     parser.add_argument("--max-duration", type=int, default=20, help="the longest a stretched run may last (s)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per (variant, concurrency); the fastest is kept")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of c=1 load before each variant's runs")
-    parser.add_argument("--algorithm", default="im2col", help="the algorithm every server runs")
+    parser.add_argument("--algorithm", default="auto", help="the algorithm every server runs (kernels.conv2d's choice by default)")
     parser.add_argument("--port", type=int, default=8109)
     parser.add_argument("--compute-reps", type=int, default=15)
     parser.add_argument("--timing-samples", type=int, default=9, help="sequential requests whose timing_ms our server reports")

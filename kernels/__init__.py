@@ -10,6 +10,7 @@ from kernels import im2col as _im2col  # noqa: F401  (registers "im2col")
 from kernels import pointwise as _pointwise  # noqa: F401  (registers "pointwise")
 from kernels import reference as _reference  # noqa: F401  (registers "reference")
 from kernels import shifted_gemm as _shifted_gemm  # noqa: F401  (registers "shifted_gemm")
+from kernels import unfold as _unfold  # noqa: F401  (registers "unfold")
 from kernels import winograd as _winograd  # noqa: F401  (registers "winograd")
 from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, names
 from kernels.function import conv2d

@@ -50,11 +50,9 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
-        padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
-        output = algorithm.forward(padded, weight, bias, run_spec)
         ctx.save_for_backward(input, weight)
         ctx.conv = (spec, padding_mode, algorithm, memory_format)
-        return _in_format(output, memory_format)
+        return _forward(input, weight, bias, spec, padding_mode, algorithm, memory_format)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -72,6 +70,11 @@ class Conv2dFunction(torch.autograd.Function):
             grad_input = _in_format(grad_input, memory_format)
         grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format) -> torch.Tensor:
+    padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+    return _in_format(algorithm.forward(padded, weight, bias, run_spec), memory_format)
 
 
 def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) -> tuple[torch.Tensor, ConvSpec]:
@@ -109,5 +112,9 @@ def conv2d(
     chosen = resolve(algorithm, batched, weight, spec)
     channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    output = Conv2dFunction.apply(batched, weight, bias, spec, padding_mode, chosen, memory_format)
+    arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        output = Conv2dFunction.apply(*arguments)
+    else:  # nothing to differentiate: skip the autograd node (~30 us, most of a tiny conv's time)
+        output = _forward(*arguments)
     return output.squeeze(0) if unbatched else output

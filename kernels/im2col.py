@@ -4,14 +4,17 @@ Layout: everything runs channels-last. A patch row for output position (n, y, x)
 (kH, kW, C_in/groups) block under the kernel, which in an NHWC padded input is a strided view
 (`_patches`), so unfolding is a single gather-copy and each GEMM reads contiguous memory. The
 patch matrix is built in row blocks (`_row_blocks`) so it never exceeds the workspace limit; 1x1
-stride-1 convs need no copy at all. grad_input is a chunked per-tap scatter of the column
-gradient, or, for few input channels per group, W^T @ grad_output folded back by F.fold in NCHW.
+stride-1 convs need no copy at all. NCHW inputs with few channels (the 7x7 stem) instead gather
+F.unfold-order columns from a stride-phase split of the input (`_phase_forward`). grad_input is a
+chunked per-tap scatter of the column gradient, or, for few input channels per group,
+W^T @ grad_output folded back by F.fold in NCHW.
 Depthwise convs (one input channel per group) are not GEMMs:
 they run as a sum over kernel taps of per-channel multiply-adds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -105,6 +108,33 @@ def _tap_window(tensor: torch.Tensor, spec: ConvSpec, i: int, j: int, rows: int,
     ]
 
 
+def _use_phases(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
+    """`_phase_forward` for groups 1, dilation 1, NCHW input with few channels (short channels-last patch runs)."""
+    return spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[1] < FOLD_MAX_CHANNELS and input.is_contiguous()
+
+
+def _phase_split(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """input (N, C, H, W) -> (N, C, s_h, s_w, H_ph, W_ph), [.., p, q, Y, X] = zero-padded input[.., s_h*Y + p, s_w*X + q].
+
+    Splitting by stride phase turns every strided tap window into rows of contiguous reads.
+    """
+    top, bottom, left, right = spec.padding
+    stride_h, stride_w = spec.stride
+    batch, channels, height, width = input.shape
+    shape = (batch, channels, stride_h, stride_w, -(-(height + top + bottom) // stride_h), -(-(width + left + right) // stride_w))
+    split = scratch("im2col_phases", math.prod(shape), input).view(shape).zero_()
+    for p in range(stride_h):
+        first_row = max(0, -((p - top) // stride_h))  # smallest Y with s_h*Y + p - top >= 0
+        in_row = stride_h * first_row + p - top
+        for q in range(stride_w):
+            first_col = max(0, -((q - left) // stride_w))
+            in_col = stride_w * first_col + q - left
+            if in_row < height and in_col < width:
+                source = input[:, :, in_row::stride_h, in_col::stride_w]
+                split[:, :, p, q, first_row : first_row + source.shape[2], first_col : first_col + source.shape[3]] = source
+    return split
+
+
 # Below this many input channels per group the channels-last per-tap scatter moves rows too short
 # to be fast (the 3-channel stem: 49 taps of 3-wide rows), and F.fold's NCHW col2im wins.
 FOLD_MAX_CHANNELS = 32
@@ -160,6 +190,8 @@ class Im2col(ConvAlgorithm):
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
+        if _use_phases(input, weight, spec):
+            return self._phase_forward(input, weight, bias, spec, (out_height, out_width))
         padded = _padded_nhwc(input, spec)
         batch = padded.shape[0]
         if _is_depthwise(weight, spec.groups):
@@ -201,6 +233,44 @@ class Im2col(ConvAlgorithm):
             columns = columns.view(images.stop - images.start, -1, weight_rows.shape[1])
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
             torch.matmul(weight_rows, columns.transpose(1, 2), out=block)
+        if bias is not None:
+            output += bias.view(-1, 1)
+        return output.view(batch, out_channels, out_height, out_width)
+
+    @staticmethod
+    def _phase_forward(input, weight, bias, spec, out_hw):
+        """groups == 1, few input channels, NCHW: columns in F.unfold's (c, i, j) order, gathered from stride phases.
+
+        With C_in = 3 (the 7x7 stem) a channels-last patch row is made of kW*C = 21-float runs and
+        the NCHW -> NHWC padded copy is a transpose; here each copied run is a whole output row
+        (`_phase_split` makes the stride-2 reads contiguous), and weight.view(C_out, -1) is already
+        the matching (c, i, j) matrix. Output (C_out, H_out*W_out) per image, NCHW directly.
+        """
+        out_channels, in_channels, kernel_h, kernel_w = weight.shape
+        (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
+        split = _phase_split(input, spec)
+        batch = split.shape[0]
+        output = input.new_empty(batch, out_channels, out_height * out_width)
+        weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
+        row_bytes = out_width * weight_rows.shape[1] * input.element_size()
+        for images, rows in _row_blocks(batch, out_height, row_bytes):
+            count, block_rows = images.stop - images.start, rows.stop - rows.start
+            shape = (count, in_channels, kernel_h, kernel_w, block_rows, out_width)
+            columns = scratch("im2col_columns", math.prod(shape), input).view(shape)
+            for p in range(min(stride_h, kernel_h)):
+                for q in range(min(stride_w, kernel_w)):
+                    # taps i = p + stride_h*a, j = q + stride_w*b read phase (p, q) at (y + a, x + b)
+                    phase = split[images, :, p, q]
+                    taps_h, taps_w = len(range(p, kernel_h, stride_h)), len(range(q, kernel_w, stride_w))
+                    batch_stride, channel_stride, row_stride, _ = phase.stride()
+                    window = phase.as_strided(
+                        (count, in_channels, taps_h, taps_w, block_rows, out_width),
+                        (batch_stride, channel_stride, row_stride, 1, row_stride, 1),
+                        phase.storage_offset() + rows.start * row_stride,
+                    )
+                    columns[:, :, p::stride_h, q::stride_w] = window
+            block = output[images, :, rows.start * out_width : rows.stop * out_width]
+            torch.matmul(weight_rows, columns.view(count, weight_rows.shape[1], -1), out=block)
         if bias is not None:
             output += bias.view(-1, 1)
         return output.view(batch, out_channels, out_height, out_width)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.base import ConvAlgorithm, UnsupportedProblem, get, registered
+from kernels.limits import macs
 from kernels.params import ConvSpec
 
 # In order of preference per device type; the first that accepts the problem wins. The CPU order
@@ -12,8 +13,15 @@ from kernels.params import ConvSpec
 # are not well served by a generic patch GEMM. Measurements: bench/bench_kernels.py, docs/performance.md.
 _PREFERENCE = {
     "cuda": ("triton", "im2col"),
-    "cpu": ("depthwise", "pointwise", "winograd", "shifted_gemm", "im2col"),
+    "cpu": ("unfold", "depthwise", "pointwise", "winograd", "shifted_gemm", "im2col"),
 }
+
+# Below this many multiply-adds the time of a CPU conv is its count of torch calls, and `unfold`
+# (three calls) wins; above it its unchunked patch matrix and small batched matmuls lose.
+# Measured (1 thread, forward / forward+backward, us): seed 2x1x3x3 unfold 90 / 419 vs im2col
+# 175 / 760 and depthwise 422; 1x8x16x16 (147K MACs) 193 / 496 vs im2col 212 / 725;
+# 1x16x32x32 (2.4M) 460 / 1808 vs im2col 358 / 1704; depthwise 4x32x28x28 (0.9M) 3.6 ms vs 1.1 ms.
+SMALL_MACS = 1 << 18
 
 # shifted_gemm computes H_pad*W_pad "wide" output rows per image for H_out*W_out real ones, and its
 # per-tap GEMMs (K = C) run below the efficiency of im2col's one long-K GEMM; it only wins where
@@ -34,6 +42,9 @@ WINOGRAD_MIN_OUTPUT = 24
 
 def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
     """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto"."""
+    if name == "unfold":
+        out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
+        return macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS
     if name == "winograd":
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         channels = min(weight.shape[0], weight.shape[1])

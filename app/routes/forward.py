@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.deps import ApiKey, MetricsDep, ParserDep, SettingsDep, WorkersDep
+from app.deps import BEARER_SECURITY
 from app.routes.docs import ERROR_RESPONSES, request_body
 from app.schemas import FORWARD_EXAMPLE, ForwardResponse
 from app.service import serve_conv
@@ -15,10 +15,9 @@ router = APIRouter()
 @router.post(
     "/forward",
     summary="Conv2d forward with ours, checked against nn.Conv2d",
-    dependencies=[ApiKey],
-    openapi_extra=request_body("ForwardRequest", FORWARD_EXAMPLE),
+    openapi_extra={**request_body("ForwardRequest", FORWARD_EXAMPLE), **BEARER_SECURITY},
     responses={200: {"model": ForwardResponse, "description": "The output, the parity report and timings"}, **ERROR_RESPONSES},
 )
-async def forward(request: Request, settings: SettingsDep, workers: WorkersDep, parser: ParserDep, metrics: MetricsDep) -> Response:
+async def forward(request: Request) -> Response:
     """Body: see ForwardRequest. Tensors are nested lists, {shape, dtype, data} or {shape, dtype, b64}."""
-    return await serve_conv(request, settings, workers, parser, metrics, backward=False)
+    return await serve_conv(request, backward=False)

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.deps import ApiKey, MetricsDep, ParserDep, SettingsDep, WorkersDep
+from app.deps import BEARER_SECURITY, ParserDep, SettingsDep, WorkersDep, app_state, check_api_key
 from app.errors import json_response
 from app.parsing import BodyParser
 from app.v2 import service
@@ -97,17 +97,15 @@ async def model_ready(
 
 @router.post(
     "/models/{model_name}/infer",
-    dependencies=[ApiKey],
-    openapi_extra=_INFER_BODY,
+    openapi_extra={**_INFER_BODY, **BEARER_SECURITY},
     summary="Inference: conv2d forward or backward, with parity (docs/v2.md)",
 )
 @router.post(
     "/models/{model_name}/versions/{model_version}/infer",
-    dependencies=[ApiKey],
-    openapi_extra=_INFER_BODY,
+    openapi_extra={**_INFER_BODY, **BEARER_SECURITY},
     summary="Inference on one version",
 )
-async def infer(
-    request: Request, model_name: str, settings: SettingsDep, workers: WorkersDep, metrics: MetricsDep, model_version: str | None = None
-) -> Response:
-    return await service.infer(request, _model(model_name, model_version), settings, workers, metrics)
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    state = app_state(request)
+    check_api_key(request, state.settings)
+    return await service.infer(request, _model(model_name, model_version), state.settings, state.workers, state.metrics)

@@ -50,7 +50,7 @@ class V2Request:
 
 
 def split_body(raw: bytes, header_length: str | None) -> tuple[Any, memoryview]:
-    """The JSON header (parsed) and the binary section after it (a view: tensors copy their own bytes once)."""
+    """The JSON header (parsed) and the binary section after it (a view of the body)."""
     view = memoryview(raw)
     if header_length is None:
         json_bytes, binary = view, view[:0]
@@ -110,7 +110,7 @@ def _shape(name: str, shape: Any) -> list[int]:
 
 
 def _binary_tensor(name: str, shape: list[int], dtype: torch.dtype, raw: memoryview) -> torch.Tensor:
-    """Raw little-endian bytes -> a tensor over one copy of them; the codec then checks rank and limits."""
+    """Raw little-endian bytes -> a tensor over them; the codec then checks rank and limits."""
     needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != needed:
         raise ProtocolError(
@@ -118,7 +118,12 @@ def _binary_tensor(name: str, shape: list[int], dtype: torch.dtype, raw: memoryv
         )
     if not needed:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    tensor = torch.frombuffer(raw if not raw.readonly else bytearray(raw), dtype=dtype)
+    # A view of the request body (read into a bytearray) when its offset suits the dtype: no copy of
+    # megabytes; a misaligned one is copied once, so kernels never see unaligned data.
+    if tensor.data_ptr() % tensor.element_size():
+        tensor = tensor.clone()
+    return tensor.reshape(shape)
 
 
 def _json_tensor(name: str, shape: list[int], dtype: torch.dtype, data: Any) -> Any:
@@ -212,10 +217,11 @@ def check_shapes(model: Model, request: V2Request, problem: Problem) -> None:
             raise ProtocolError(f"input {name}: data has shape {list(tensor.shape)} but the declared shape is {shape}")
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (the response joins them once)."""
     tensor = tensor.detach().cpu().contiguous()
     # numpy has no bfloat16: its bits go out as int16, little-endian like the rest.
-    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy().tobytes()
+    return memoryview((tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()).cast("B")
 
 
 def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str, float]) -> dict[str, Any]:

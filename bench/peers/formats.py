@@ -124,12 +124,10 @@ def kserve(binary: bool) -> Variant:
         return header + raw, {_HEADER_LENGTH: str(len(header))}
 
     def decode(content: bytes, headers: dict[str, str]) -> np.ndarray:
-        if not binary:
-            output = orjson.loads(content)["outputs"][0]
-            return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
-        header_length = int(headers[_HEADER_LENGTH.lower()])
-        output = orjson.loads(content[:header_length])["outputs"][0]
-        return np.frombuffer(content[header_length:], dtype="<f4").reshape(output["shape"])
+        if binary:
+            return _v2_binary_output(content, headers)
+        output = orjson.loads(content)["outputs"][0]
+        return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
 
     return Variant(
         "kserve",
@@ -140,3 +138,32 @@ def kserve(binary: bool) -> Variant:
         decode,
         content_type="application/octet-stream" if binary else "application/json",
     )
+
+
+# ours, V2: the KServe request form on our server, POST /v2/models/conv2d/infer.
+
+
+def ours_v2_binary(server: str = "ours") -> Variant:
+    """Our V2 endpoint with the binary tensor extension both ways: raw float32 bytes, no JSON numbers, no base64."""
+    names = {"input": "INPUT", "weight": "WEIGHT", "bias": "BIAS"}
+
+    def build(tensors: Tensors, conv: dict) -> bytes:
+        inputs = [_v2_input(names[name], value, binary=True) for name, value in tensors.items()]
+        parameters = {**conv["args"], "algorithm": conv["algorithm"], "parity": False, "binary_data_output": True}
+        header = _dumps({"inputs": inputs, "parameters": parameters})
+        raw = b"".join(np.ascontiguousarray(value, dtype="<f4").tobytes() for value in tensors.values())
+        return header + raw, {_HEADER_LENGTH: str(len(header))}
+
+    return Variant(server, "v2-binary", "binary", "/v2/models/conv2d/infer", build, _v2_binary_output, "application/octet-stream")
+
+
+def _v2_binary_output(content: bytes, headers: dict[str, str]) -> np.ndarray:
+    header_length = int(headers[_HEADER_LENGTH.lower()])
+    output = orjson.loads(content[:header_length])["outputs"][0]
+    return np.frombuffer(content[header_length:], dtype="<f4").reshape(output["shape"])
+
+
+def v2_binary_timing(content: bytes, headers: dict[str, str]) -> dict[str, float]:
+    """Our server's timing_ms from a V2 binary response's parameters (timing_ms_<stage>)."""
+    parameters = orjson.loads(content[: int(headers[_HEADER_LENGTH.lower()])])["parameters"]
+    return {key.removeprefix("timing_ms_"): value for key, value in parameters.items() if key.startswith("timing_ms_")}

@@ -185,7 +185,8 @@ async def until(condition, timeout_s: float = 5.0) -> None:
 
 
 async def test_503_queue_full_with_retry_after() -> None:
-    async with running(queue_size=1, retry_after_s=3) as (app, client):
+    # inline_macs=0: the seed problem would otherwise run on the event loop, past the queue.
+    async with running(queue_size=1, retry_after_s=3, inline_macs=0) as (app, client):
         worker = app.state.workers["cpu"]
         release = block(worker)
         await until(lambda: worker.busy)
@@ -198,8 +199,25 @@ async def test_503_queue_full_with_retry_after() -> None:
     assert "queue is full" in response.json()["detail"]
 
 
+async def test_tiny_auto_problems_run_inline_past_a_busy_worker() -> None:
+    """CONV_INLINE_MACS: a seed-sized "auto" request is answered while the device worker is occupied
+    (it runs on the event loop); a named algorithm still queues."""
+    async with running(inline_macs=1000) as (app, client):
+        worker = app.state.workers["cpu"]
+        release = block(worker)
+        await until(lambda: worker.busy)
+        inline = await client.post("/forward", json=FORWARD_EXAMPLE)  # 324 MACs
+        queued = asyncio.create_task(client.post("/forward", json=body(algorithm="im2col")))
+        await until(lambda: worker.queue_depth == 1)
+        assert not queued.done()
+        release.set()
+        assert (await queued).status_code == 200
+    assert inline.status_code == 200 and inline.json()["timing_ms"]["queue"] == 0.0
+    assert inline.json()["parity"]["ok"] is True
+
+
 async def test_504_past_the_deadline_and_the_job_is_dropped() -> None:
-    async with running() as (app, client):
+    async with running(inline_macs=0) as (app, client):
         worker = app.state.workers["cpu"]
         release = block(worker)
         response = await client.post("/forward", json=body(timeout_s=0.2))
@@ -218,11 +236,11 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
     original = compute.run_forward
     calls = {"count": 0}
 
-    def first_fails(problem, device):
+    def first_fails(problem, device, inline=False):
         calls["count"] += 1
         if calls["count"] == 1:
             raise error
-        return original(problem, device)
+        return original(problem, device, inline)
 
     monkeypatch.setattr(compute, "run_forward", first_fails)
     async with running() as (_, client):
@@ -235,7 +253,7 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
 async def test_unexpected_bug_is_a_logged_500_without_internals(monkeypatch) -> None:
     import app.compute as compute
 
-    def broken(problem, device):
+    def broken(problem, device, inline=False):
         raise KeyError("secret internals")
 
     monkeypatch.setattr(compute, "run_forward", broken)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 
 import httpx
@@ -11,8 +12,9 @@ import orjson
 import pytest
 import torch
 
+from app.schemas import FORWARD_EXAMPLE
 from tests.app.helpers import from_json, nn_conv_grads, seed_body, seed_problem, to_json
-from tests.integration.conftest import API_KEY
+from tests.integration.conftest import API_KEY, start, stop, wait_ready
 
 pytestmark = pytest.mark.anyio
 
@@ -229,3 +231,48 @@ async def test_zz_no_server_error_was_ever_answered(servers) -> None:
         statuses = {line.split('status="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("conv_requests_total{")}
         assert statuses and not {status for status in statuses if status.startswith("5")} - {"503", "504", "507"}, statuses
         assert server.process.poll() is None, server.log_tail()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115 - read at once
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as file:
+        return file.read()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        pairs = (item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item)
+        return {key.decode(): value.decode() for key, value in pairs}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
+async def test_two_processes_share_the_port_and_the_cores(tmp_path) -> None:
+    """CONV_PROCESSES=2: two uvicorn worker processes under one supervisor, each with cores/2 torch threads,
+    both answering on the one port (fresh connections are spread by the kernel)."""
+    server = start(tmp_path, "two", CONV_PROCESSES="2")
+    try:
+        wait_ready(server)
+        # The supervisor's children: multiprocessing's resource tracker and the workers (spawned; each has its parser).
+        workers = [pid for pid in _children(server.process.pid) if b"spawn_main" in _cmdline(pid)]
+        threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+        assert len(workers) == 2, workers
+        assert [_environ(pid).get("OMP_NUM_THREADS") for pid in workers] == [threads, threads]
+        statuses = []
+        for _ in range(12):  # one connection each, so both processes take some
+            statuses.append((await post(server.url, "/forward", FORWARD_EXAMPLE)).status_code)
+        assert statuses == [200] * 12
+    finally:
+        stop(server)

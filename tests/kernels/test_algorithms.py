@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import kernels
+from kernels.params import normalize
+from kernels.selection import choose
 from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, make_inputs, our_conv, refusal
 
 FLOAT_DTYPES = {str(dtype).removeprefix("torch.") for dtype in DTYPES}
@@ -57,6 +59,21 @@ def test_auto_on_cpu_never_refuses_the_grid():
         for dtype in DTYPES:
             input, weight, bias = make_inputs(case, dtype, "cpu")
             assert our_conv(case, input, weight, bias, "auto").dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "weight_shape", "groups", "expected"),
+    [
+        ((2, 1, 3, 3), (2, 1, 3, 3), 1, "unfold"),  # the seed case: 324 MACs, per-call overhead is all
+        ((1, 8, 16, 16), (8, 8, 3, 3), 1, "unfold"),  # 147K MACs, under SMALL_MACS
+        ((4, 32, 28, 28), (32, 1, 3, 3), 32, "depthwise"),  # 0.9M MACs: unfold's grouped matmul would lose
+        ((2, 64, 32, 32), (64, 64, 3, 3), 1, "winograd"),
+    ],
+)
+def test_auto_picks_unfold_only_for_small_problems(input_shape, weight_shape, groups, expected):
+    input, weight = torch.randn(input_shape), torch.randn(weight_shape)
+    spec = normalize(input, weight, None, 1, 1, 1, groups, "zeros")
+    assert choose(input, weight, spec).name == expected
 
 
 REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]

@@ -161,7 +161,8 @@ async def test_full_queue_answers_503_at_once(faulty_server) -> None:
         second = asyncio.create_task(client.post("/forward", json=tagged_body("fault_sleep", 32)))
         await asyncio.sleep(0.3)
         start = time.monotonic()
-        refused = await client.post("/forward", json=seed_body())
+        # A named algorithm queues: a tiny "auto" problem would run inline, past the full queue (CONV_INLINE_MACS).
+        refused = await client.post("/forward", json=seed_body(algorithm="im2col"))
         elapsed = time.monotonic() - start
         still_running = not first.done()
         statuses = [(await first).status_code, (await second).status_code]
