@@ -171,12 +171,13 @@ SINGLE_THREAD_MACS = 2_000_000
 
 
 @contextmanager
-def _intra_op_threads(problem: Problem, device: torch.device, inline: bool) -> Iterator[None]:
+def _intra_op_threads(problem: Problem, device: torch.device) -> Iterator[None]:
     """One torch thread for small CPU problems, the process default otherwise; restored afterwards.
-    Not for inline runs (on the event loop, beside the worker thread): they are below torch's parallel
-    grain size anyway, and the thread count must not change under the worker's running conv."""
+
+    The count is the calling thread's (OpenMP's nthreads ICV is per thread), so an inline run on the
+    event loop does not change the device worker's running conv."""
     default = torch.get_num_threads()
-    wanted = 1 if device.type == "cpu" and problem.macs < SINGLE_THREAD_MACS and not inline else default
+    wanted = 1 if device.type == "cpu" and problem.macs < SINGLE_THREAD_MACS else default
     if wanted == default:
         yield
         return
@@ -192,12 +193,11 @@ def _run(
     device: torch.device,
     pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object],
     select: Callable,
-    inline: bool,
 ) -> Outcome:
     """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU."""
     options = problem.options
     cpu = torch.device("cpu")
-    with parity.tf32(options.allow_tf32), _intra_op_threads(problem, device, inline):
+    with parity.tf32(options.allow_tf32), _intra_op_threads(problem, device):
         algorithm = _chosen_algorithm(problem, device)
         ours_raw, compute_ms = _timed(device, lambda: pass_(_ours(algorithm), problem, device, problem.dtype))
         ours = select(ours_raw)
@@ -210,13 +210,13 @@ def _run(
     return Outcome(tensors, algorithm, report, {"compute": compute_ms, "reference": reference_ms})
 
 
-def run_forward(problem: Problem, device: torch.device, inline: bool = False) -> Outcome:
-    return _run(problem, device, _forward_pass, lambda output: {"output": output}, inline)
+def run_forward(problem: Problem, device: torch.device) -> Outcome:
+    return _run(problem, device, _forward_pass, lambda output: {"output": output})
 
 
-def run_backward(problem: Problem, device: torch.device, inline: bool = False) -> Outcome:
+def run_backward(problem: Problem, device: torch.device) -> Outcome:
     keep = ("grad_input", "grad_weight", "grad_bias", *(("output",) if problem.options.return_output else ()))
-    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep}, inline)
+    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep})
 
 
 def warm_up(device: torch.device) -> None:

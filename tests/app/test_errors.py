@@ -236,11 +236,11 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
     original = compute.run_forward
     calls = {"count": 0}
 
-    def first_fails(problem, device, inline=False):
+    def first_fails(problem, device):
         calls["count"] += 1
         if calls["count"] == 1:
             raise error
-        return original(problem, device, inline)
+        return original(problem, device)
 
     monkeypatch.setattr(compute, "run_forward", first_fails)
     async with running() as (_, client):
@@ -253,7 +253,7 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
 async def test_unexpected_bug_is_a_logged_500_without_internals(monkeypatch) -> None:
     import app.compute as compute
 
-    def broken(problem, device, inline=False):
+    def broken(problem, device):
         raise KeyError("secret internals")
 
     monkeypatch.setattr(compute, "run_forward", broken)
