@@ -112,15 +112,14 @@ def _blame(message: str) -> str:
 def _output_shape(
     options: ForwardOptions, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[tuple[int, ...], ForwardOptions]:
-    """Validate the conv arguments with kernels' rules on meta tensors; -> the output's shape, and the
+    """Validate the conv arguments with kernels' rules; -> the output's shape, and the
     options with the stride clamped to the span the kernel can move over.
 
     A stride past that span gives the same one-pixel output whatever its size, but torch's CPU backward
     (the parity oracle) crashes the whole process on strides near 2**16, so no conv ever sees one."""
     batched = input if input.dim() == 4 else input.unsqueeze(0)
-    meta = [tensor.to("meta") if tensor is not None else None for tensor in (batched, weight, bias)]
-    try:
-        spec = normalize(meta[0], meta[1], meta[2], options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
+    try:  # normalize reads only shapes, dtypes and devices
+        spec = normalize(batched, weight, bias, options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
     except (RuntimeError, ValueError, TypeError) as error:
         raise InvalidField(_blame(str(error)), str(error)) from None
     out_height, out_width = spec.output_size(batched.shape[2], batched.shape[3], weight.shape[2], weight.shape[3])
