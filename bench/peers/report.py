@@ -49,18 +49,19 @@ def machine() -> dict:
 
 
 def _ours_for(rows: list[dict], peer: dict) -> dict | None:
-    return next(
-        (
-            row
-            for row in rows
-            if row["server"].startswith("ours")
-            and not row["parity"]
-            and row["workload"] == peer["workload"]
-            and row["c"] == peer["c"]
-            and row["kind"] == peer["kind"]
-        ),
-        None,
-    )
+    """Our parity-off row to hold against a peer's: the same encoding where we have it (v2-binary against
+    KServe's), else the same kind (text lists, or base64/binary), same workload and concurrency."""
+    candidates = [
+        row
+        for row in rows
+        if row["server"].startswith("ours")
+        and not row["parity"]
+        and row["workload"] == peer["workload"]
+        and row["c"] == peer["c"]
+        and row["kind"] == peer["kind"]
+    ]
+    same_encoding = [row for row in candidates if row["encoding"] == peer["encoding"]]
+    return (same_encoding or candidates or [None])[0]
 
 
 def _ms(value: float | None) -> str:
