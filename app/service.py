@@ -64,7 +64,7 @@ async def run_problem(
     run = compute.run_backward if backward else compute.run_forward
     worker = workers[problem.device]
     if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= app_state(request).settings.inline_macs:
-        outcome = worker.run_inline(lambda device: run(problem, device))
+        outcome = worker.run_inline(lambda device: run(problem, device), deadline)
         request.state.algorithm = outcome.algorithm
         timing_ms["queue"] = 0.0
         timing_ms.update(outcome.timing_ms)

@@ -146,9 +146,12 @@ class DeviceWorker:
                 job.abandoned = True
                 job.future.cancel()
 
-    def run_inline(self, fn: DeviceFn) -> Any:
-        """Run `fn` on the calling thread, outside the queue, with the same error translation as a queued job.
-        For problems so small that the hand-off to the worker thread would cost more than the work."""
+    def run_inline(self, fn: DeviceFn, deadline: float) -> Any:
+        """Run `fn` on the calling thread, outside the queue, with the same error translation as a queued job
+        (and the same 504 when the deadline has already passed). For problems so small that the hand-off
+        to the worker thread would cost more than the work."""
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"the request's deadline passed before it could run on {self.name}")
         try:
             return self._call(fn)
         finally:

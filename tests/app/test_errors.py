@@ -216,6 +216,12 @@ async def test_tiny_auto_problems_run_inline_past_a_busy_worker() -> None:
     assert inline.json()["parity"]["ok"] is True
 
 
+async def test_504_for_an_inline_problem_past_its_deadline() -> None:
+    async with running() as (_, client):
+        response = await client.post("/forward", json=body(timeout_s=1e-9))  # tiny "auto": would run inline
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
+
+
 async def test_504_past_the_deadline_and_the_job_is_dropped() -> None:
     async with running(inline_macs=0) as (app, client):
         worker = app.state.workers["cpu"]
