@@ -105,6 +105,26 @@ def test_binary_in_and_out_per_output(open_server) -> None:
     torch.testing.assert_close(torch.tensor(bias_entry["data"]), leaves[2].grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("misalign", [0, 1, 2, 3])
+def test_binary_inputs_at_any_offset(open_server, misalign: int) -> None:
+    """Binary inputs are views of the request body when their offset suits the dtype, copies otherwise:
+    a JSON header of any length (here padded so the first tensor starts at 4k + misalign) gives the same answer."""
+    x, w, b = _problem(5)
+    tensors = {"INPUT": x, "WEIGHT": w, "BIAS": b}
+    inputs = [
+        {"name": name, "shape": list(t.shape), "datatype": "FP32", "parameters": {"binary_data_size": t.numel() * 4}}
+        for name, t in tensors.items()
+    ]
+    header = json.dumps({"inputs": inputs, "parameters": {"padding": 1, "binary_data_output": True}}).encode()
+    header += b" " * ((misalign - len(header)) % 4)  # JSON allows trailing whitespace
+    content = header + b"".join(t.numpy().tobytes() for t in tensors.values())
+    response = _post(open_server.url, "/v2/models/conv2d/infer", content, {HEADER: str(len(header))})
+    assert response.status_code == 200, response.text
+    result, binary = _split(response)
+    output = torch.from_numpy(np.frombuffer(binary, dtype="<f4").copy()).reshape(result["outputs"][0]["shape"])
+    torch.testing.assert_close(output, F.conv2d(x, w, b, padding=1), atol=1e-5, rtol=1e-4)
+
+
 def test_binary_bf16_is_raw_little_endian(open_server) -> None:
     x, w, _ = _problem(4)
     x16, w16 = x.bfloat16(), w.bfloat16()
