@@ -198,7 +198,8 @@ def _flat_grad_weight(
     batch, channels, height, width = input.shape
     source = input.view(batch, channels, height * width)
     out_length = next(iter(grad_sources.values())).shape[2]
-    grad_weight = source.new_zeros(channels, kernel_taps)
+    # Per-tap, per-image partial sums; one sum over the images at the end (not two small ops per tap).
+    partial = source.new_zeros(kernel_taps, batch, channels)
     buffer = scratch("depthwise_products", batch * channels * out_length, source)
     for t, row_shift, col_shift in taps:
         offset, start, stop = _span(row_shift, col_shift, width, height * width, out_length)
@@ -207,8 +208,8 @@ def _flat_grad_weight(
         # A contiguous product buffer: the sum over its last axis then reads one long run per plane.
         products = buffer[: batch * channels * (stop - start)].view(batch, channels, stop - start)
         torch.mul(_window(grad_sources[-col_shift], start, stop - start), _window(source, start + offset, stop - start), out=products)
-        grad_weight[:, t] = products.sum(dim=2).sum(dim=0)
-    return grad_weight
+        torch.sum(products, dim=2, out=partial[t])
+    return partial.sum(dim=1).t().contiguous()
 
 
 class Depthwise(ConvAlgorithm):

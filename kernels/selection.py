@@ -34,10 +34,16 @@ MAX_SHIFTED_WASTE = 1.1
 # winograd (F(2x2, 3x3), 3x3 stride 1 only) trades 2.25x fewer GEMM flops for tile transforms whose
 # cost is per element, so it needs enough channels for the GEMM to dominate, and images big enough
 # for the 16 per-position GEMMs (M = tiles) to run efficiently. Measured (N=4, 1 thread, ours/nn.Conv2d
-# fwd / fwd+bwd): 64x56 1.63/1.49 vs shifted_gemm 1.75/1.67; 128x28 1.28/1.16 vs im2col 1.50/1.50;
-# 256x14 1.34/1.39 vs im2col 1.14/1.44 (loses forward, ties fwd+bwd), so the cut lies between 14 and 28.
+# fwd / fwd+bwd): 64x56 1.63/1.49 vs shifted_gemm 1.75/1.67; 128x28 1.28/1.16 vs im2col 1.50/1.50.
+# 256x14 lost to im2col until round 5 (2026-11-27) replaced the weight-transform einsums by GEMMs
+# (5.8 -> 0.4 ms per transform at 256 channels); since then (2 threads, wall / 1 thread, CPU clock)
+# 256x14 is 1.01/1.08 vs im2col 1.17/1.32, and 0.90/0.91 vs 1.30/1.26. Below 24 it needs many
+# channels (fwd+bwd, N=4, 2 threads, winograd / im2col): 64x14 1.49, 32x16 1.62, 128x14 0.98 (1 thread
+# 0.86), 256x14 ~0.8, 512x14 0.70; at 7x7 it ties (256: 1.05, 512: 0.98), so 7x7 stays with im2col.
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_OUTPUT = 24
+WINOGRAD_WIDE_CHANNELS = 128  # from this many channels (in and out), outputs down to WINOGRAD_WIDE_MIN_OUTPUT
+WINOGRAD_WIDE_MIN_OUTPUT = 14
 
 
 def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
@@ -47,8 +53,10 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         return macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS
     if name == "winograd":
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
-        channels = min(weight.shape[0], weight.shape[1])
-        return channels >= WINOGRAD_MIN_CHANNELS and min(out_height, out_width) >= WINOGRAD_MIN_OUTPUT
+        channels, size = min(weight.shape[0], weight.shape[1]), min(out_height, out_width)
+        if channels >= WINOGRAD_WIDE_CHANNELS:
+            return size >= WINOGRAD_WIDE_MIN_OUTPUT
+        return channels >= WINOGRAD_MIN_CHANNELS and size >= WINOGRAD_MIN_OUTPUT
     if name != "shifted_gemm":
         return True
     top, bottom, left, right = spec.padding

@@ -43,9 +43,18 @@ BLOCK_BYTES = 16 << 20
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-def _tile_grid(like: torch.Tensor, shape: tuple[int, int, int, int], slot: str) -> torch.Tensor:
-    """Zeroed scratch tensor of `shape` (a tile buffer: it never leaves the algorithm call)."""
-    return scratch(slot, shape[0] * shape[1] * shape[2] * shape[3], like).zero_().view(shape)
+def _tile_grid(like: torch.Tensor, shape: tuple[int, int, int, int], slot: str, rows: slice, cols: slice) -> torch.Tensor:
+    """Scratch tensor of `shape` (a tile buffer: it never leaves the algorithm call), zero outside [:, rows, cols].
+
+    Only the border is zeroed, in up to four strided fills: the caller overwrites the interior, and
+    a fill of the whole buffer cost ~0.25 ms a call at 64x56 (2 threads).
+    """
+    grid = scratch(slot, shape[0] * shape[1] * shape[2] * shape[3], like).view(shape)
+    grid[:, : rows.start].zero_()
+    grid[:, rows.stop :].zero_()
+    grid[:, rows, : cols.start].zero_()
+    grid[:, rows, cols.stop :].zero_()
+    return grid
 
 
 def _tile_input(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -57,9 +66,11 @@ def _tile_input(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[to
     batch, channels, height, width = nchw.shape
     out_hw = (height + top + bottom - 2, width + left + right - 2)
     tiles_h, tiles_w = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
-    grid = _tile_grid(nchw, (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels), "winograd_grid")
     source = nchw.permute(0, 2, 3, 1)[:, max(0, -top) : height - max(0, -bottom), max(0, -left) : width - max(0, -right)]
-    grid[:, max(0, top) : max(0, top) + source.shape[1], max(0, left) : max(0, left) + source.shape[2]] = source
+    rows = slice(max(0, top), max(0, top) + source.shape[1])
+    cols = slice(max(0, left), max(0, left) + source.shape[2])
+    grid = _tile_grid(nchw, (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels), "winograd_grid", rows, cols)
+    grid[:, rows, cols] = source
     return grid, out_hw
 
 
@@ -108,7 +119,12 @@ def _output_adjoint(grid: torch.Tensor, images: slice, rows: slice, out: torch.T
     batch, _, out_width, channels = block.shape
     count, tiles_w = rows.stop - rows.start, out_width // 2
     first, second = block[:, 0::2], block[:, 1::2]
-    row_mixed = (first, first + second, first - second, -second)
+    # Rows of A dY: first, first + second, first - second, -second (reused scratch, not fresh temporaries).
+    combos = scratch("winograd_rows", 3 * first.numel(), out).view(3, *first.shape)
+    torch.add(first, second, out=combos[0])
+    torch.sub(first, second, out=combos[1])
+    torch.neg(second, out=combos[2])
+    row_mixed = (first, combos[0], combos[1], combos[2])
     tiles = out.view(4, 4, batch, count, tiles_w, channels)
     for a, mixed in enumerate(row_mixed):
         left, right = mixed[:, :, 0::2], mixed[:, :, 1::2]
@@ -119,10 +135,21 @@ def _output_adjoint(grid: torch.Tensor, images: slice, rows: slice, out: torch.T
     return out
 
 
+def _kron_g(like: torch.Tensor) -> torch.Tensor:
+    """(16, 9) matrix kron(G, G): [4x + y, 3i + j] = G[x, i] * G[y, j], so U = G g G^T is one product per kernel."""
+    g = like.new_tensor(_G)
+    return torch.kron(g, g)
+
+
 def _transformed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """U = G g G^T: weight (C_out, C_in, 3, 3) -> (16, C_in, C_out)."""
-    g = weight.new_tensor(_G)
-    return torch.einsum("xi,kcij,yj->xyck", g, weight, g).reshape(16, weight.shape[1], weight.shape[0])
+    """U = G g G^T: weight (C_out, C_in, 3, 3) -> (16, C_in, C_out), a transposed view bmm reads as is.
+
+    One (16, 9) @ (9, C_out*C_in) GEMM: 10-15x faster than the equivalent einsum (0.04 vs 0.43 ms at
+    64 channels, 0.39 vs 5.8 ms at 256, 2 threads), which ran 9-term contractions through copies.
+    """
+    out_channels, in_channels = weight.shape[:2]
+    flat = weight.reshape(out_channels * in_channels, 9)
+    return (_kron_g(weight) @ flat.t()).view(16, out_channels, in_channels).transpose(1, 2)
 
 
 def _blocks(batch: int, tiles_h: int, tiles_w: int, channels: int, element_size: int):
@@ -209,7 +236,8 @@ class Winograd(ConvAlgorithm):
         batch, grid_height, grid_width, channels = grid.shape
         tiles_h, tiles_w = (grid_height - 2) // 2, (grid_width - 2) // 2
         out_channels = weight.shape[0]
-        grad_grid = _tile_grid(grid, (batch, 2 * tiles_h, 2 * tiles_w, out_channels), "winograd_grad_grid")
+        shape = (batch, 2 * tiles_h, 2 * tiles_w, out_channels)
+        grad_grid = _tile_grid(grid, shape, "winograd_grad_grid", slice(0, out_hw[0]), slice(0, out_hw[1]))
         grad_grid[:, : out_hw[0], : out_hw[1]] = grad_output.permute(0, 2, 3, 1)
         grad_transformed = grid.new_zeros(16, channels, out_channels)
         blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
@@ -221,8 +249,9 @@ class Winograd(ConvAlgorithm):
             tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))
             grad_products = _output_adjoint(grad_grid, images, rows, grad_buffer(positions, out_channels))
             grad_transformed.baddbmm_(tiles.transpose(1, 2), grad_products)
-        g = weight.new_tensor(_G)
-        return torch.einsum("xi,xyck,yj->kcij", g, grad_transformed.view(4, 4, channels, out_channels), g)
+        # dW = G^T dU G per kernel: one (9, 16) @ (16, C_in*C_out) GEMM (see _transformed_weight).
+        flat = _kron_g(weight).t() @ grad_transformed.view(16, channels * out_channels)
+        return flat.view(3, 3, channels, out_channels).permute(3, 2, 0, 1).contiguous()
 
 
 register(Winograd())
