@@ -2,8 +2,8 @@
 
 Decoding runs in the parser (a helper process for big bodies, the threadpool for medium ones),
 encoding in the threadpool and the conv on the device worker's thread, so the event loop only moves
-bytes and /healthz stays prompt while big payloads are handled. Tiny bodies and responses (well under
-a millisecond of work) are handled inline: a thread hop would cost more than the work.
+bytes and /healthz stays prompt while big payloads are handled. Tiny bodies, responses and CPU convs
+(well under a millisecond of work each) are handled inline: a thread hop would cost more than the work.
 """
 
 from __future__ import annotations
