@@ -40,6 +40,16 @@ MAX_SHIFTED_WASTE = 1.1
 # 256x14 is 1.01/1.08 vs im2col 1.17/1.32, and 0.90/0.91 vs 1.30/1.26. Below 24 it needs many
 # channels (fwd+bwd, N=4, 2 threads, winograd / im2col): 64x14 1.49, 32x16 1.62, 128x14 0.98 (1 thread
 # 0.86), 256x14 ~0.8, 512x14 0.70; at 7x7 it ties (256: 1.05, 512: 0.98), so 7x7 stays with im2col.
+# From this many intra-op threads, images that shifted_gemm takes (waste <= MAX_SHIFTED_WASTE, e.g. 56x56)
+# with at most SHIFTED_OVER_WINOGRAD_MAX_CHANNELS channels go to it instead of winograd: its few big
+# GEMMs (M = N*H_pad*W_pad, K = C) split across threads better than winograd's 16 bmm's plus ~30
+# elementwise transform passes. Measured round 7 (2026-11-27), same process, N=4, 2 threads:
+# bench 64x56 ours/nn.Conv2d fwd / fwd+bwd shifted_gemm 1.50/1.30 and 1.63/1.43 vs winograd 1.73/1.55 and
+# 1.86/1.68; direct calls, ms, winograd vs shifted_gemm fwd / fwd+bwd: 64x56 12.8/39.7 vs 11.6/35.1,
+# 64x64 16.9/51.7 vs 15.9/46.2, but 96x56 22.9/66.2 vs 28.0/81.1 and 128x56 34.2/100 vs 53.4/159.
+# At 1 thread (CPU clock) 64x56 is a tie or a winograd win (1.71/1.52 vs 1.85/1.68; 1.48/1.39 vs 1.51/1.37).
+SHIFTED_OVER_WINOGRAD_THREADS = 2
+SHIFTED_OVER_WINOGRAD_MAX_CHANNELS = 64
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_OUTPUT = 24
 WINOGRAD_WIDE_CHANNELS = 128  # from this many channels (in and out), outputs down to WINOGRAD_WIDE_MIN_OUTPUT
@@ -52,6 +62,10 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         return macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS
     if name == "winograd":
+        few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
+        threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
+        if threaded and few_channels and _worth_running("shifted_gemm", input, weight, spec):
+            return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         channels, size = min(weight.shape[0], weight.shape[1]), min(out_height, out_width)
         if channels >= WINOGRAD_WIDE_CHANNELS:

@@ -8,7 +8,8 @@ overlap by 2). With B^T, G, A^T the F(2, 3) matrices (Lavin & Gray, 2015):
     M[xi] = V[xi] @ U[xi]        for each of the 16 positions xi  one bmm, K = C_in
     Y = A^T M A   (2x2 outputs per tile)                          output transform
 
-The transforms are additions of strided NHWC views (C innermost, so they vectorise); the GEMM does
+The transforms are additions of strided NHWC views (C innermost, so they vectorise), or, for NCHW
+inputs of 24x24 and up, of channel-major views (`_nchw_winograd`, no layout copies); the GEMM does
 4 multiply-adds per output per input channel instead of im2col's 9. F(2, 3) only multiplies by
 0.5 and 1, so float32 results stay within the float32 row of kernels/tolerances.py, and float64
 within 1e-10 (F(4, 3)'s larger transform constants were not needed for the win).
@@ -25,6 +26,8 @@ records it (double backward) it delegates to shifted_gemm's differentiable backw
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, get, register
@@ -38,6 +41,11 @@ from kernels.workspace import scratch
 # blocks. Measured (1 thread, N=4): 1-4 MiB blocks lose to 16 MiB (smaller bmm's run slower); 16 MiB
 # matched or beat one block of the whole batch (64x56: fwd 22.6 vs 25.4 ms) and faults in less memory.
 BLOCK_BYTES = 16 << 20
+
+# NCHW inputs at least this big (height and width) run the forward channel-major (`_nchw_winograd`).
+# Same-process A/B, 2 threads, forward: 64x56 2-4% faster, 128x28 tie to 7% faster, but 256x14 5-15%
+# slower (fewer tiles per channel: the stride-2 output writes and short rows cost more than the copies).
+NCHW_MIN_SIZE = 24
 
 # G (4x3): weight transform.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -186,6 +194,88 @@ def _winograd_conv(grid: torch.Tensor, out_hw: tuple[int, int], transformed: tor
     return output[:, : out_hw[0], : out_hw[1]]
 
 
+def _column_phases(nchw: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """NCHW input padded by pads (>= 0) -> (C, N, 2*T_h + 2, 2, T_w + 1) scratch, [c, n, r, q, t] = padded[n, c, r, 2t + q].
+
+    Splitting the padded columns by parity (one strided copy, no NCHW -> NHWC transpose) makes every
+    column pick of the input transform a contiguous run; returns the split, the output size and (T_h, T_w).
+    """
+    top, bottom, left, right = pads
+    batch, channels, height, width = nchw.shape
+    out_hw = (height + top + bottom - 2, width + left + right - 2)
+    tiles_h, tiles_w = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    shape = (channels, batch, 2 * tiles_h + 2, 2, tiles_w + 1)
+    split = scratch("winograd_grid", math.prod(shape), nchw).view(shape)
+    split[:, :, :top].zero_()
+    split[:, :, top + height :].zero_()
+    for q in range(2):
+        first = max(0, -((q - left) // 2))  # smallest t with 2t + q - left >= 0
+        column = 2 * first + q - left
+        count = len(range(column, width, 2))
+        dest = split[:, :, top : top + height, q].transpose(0, 1)
+        dest[..., :first].zero_()
+        dest[..., first + count :].zero_()
+        if count:
+            dest[..., first : first + count] = nchw[:, :, :, column::2]
+    return split, out_hw, (tiles_h, tiles_w)
+
+
+def _nchw_winograd(input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """Forward for an NCHW-contiguous input, channel-major throughout: (N, C, H, W) -> (N, C_out, H_out, W_out) view.
+
+    Same F(2x2, 3x3) as `_winograd_conv`, but tiles are (16, C, N_b*tiles) and the products are
+    U[xi] (C_out, C) @ V[xi] (C, N_b*tiles), so neither the NCHW -> NHWC input copy nor the NHWC -> NCHW
+    output copy is needed; the output transform writes the final tensor through stride-2 views.
+    The NHWC path's two transposing copies cost ~1.1 ms each at 64x56 (2 threads); the GEMM in this
+    orientation is ~5% slower and the output's stride-2 writes cost more, so the net is small: same
+    process, forward, 64x56 2-4% faster at 2 threads, 128x28 0-9% at 2 threads and 8-9% at 1 thread
+    (round 7, docs/performance.md); small images lose (NCHW_MIN_SIZE).
+    """
+    split, out_hw, (tiles_h, tiles_w) = _column_phases(input, pads)
+    batch, channels = input.shape[:2]
+    out_channels = weight.shape[0]
+    transformed = (_kron_g(weight) @ weight.reshape(out_channels * channels, 9).t()).view(16, out_channels, channels)
+    output = input.new_empty(batch, out_channels, 2 * tiles_h, 2 * tiles_w)
+    blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), input.element_size()))
+    most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+    tile_buffer = scratch("winograd_tiles", 16 * most * channels, input)
+    product_buffer = scratch("winograd_products", 16 * most * out_channels, input)
+    for images, rows in blocks:
+        count, block_rows = images.stop - images.start, rows.stop - rows.start
+        block = split[:, images, 2 * rows.start : 2 * rows.stop + 2]
+        picks = [block[:, :, k : k + 2 * block_rows : 2] for k in range(4)]  # row k of every tile: (C, N_b, R, 2, T_w + 1)
+        mixed_shape = (4, channels, count, block_rows, 2, tiles_w + 1)
+        row_mixed = scratch("winograd_rows", math.prod(mixed_shape), input).view(mixed_shape)
+        torch.sub(picks[0], picks[2], out=row_mixed[0])
+        torch.add(picks[1], picks[2], out=row_mixed[1])
+        torch.sub(picks[2], picks[1], out=row_mixed[2])
+        torch.sub(picks[1], picks[3], out=row_mixed[3])
+        positions = block_rows * tiles_w
+        tiles = tile_buffer[: 16 * count * channels * positions].view(4, 4, channels, count, block_rows, tiles_w)
+        for a, mixed in enumerate(row_mixed):
+            cols = (mixed[..., 0, :tiles_w], mixed[..., 1, :tiles_w], mixed[..., 0, 1:], mixed[..., 1, 1:])
+            torch.sub(cols[0], cols[2], out=tiles[a, 0])
+            torch.add(cols[1], cols[2], out=tiles[a, 1])
+            torch.sub(cols[2], cols[1], out=tiles[a, 2])
+            torch.sub(cols[1], cols[3], out=tiles[a, 3])
+        products = product_buffer[: 16 * count * out_channels * positions].view(16, out_channels, count * positions)
+        torch.bmm(transformed, tiles.view(16, channels, count * positions), out=products)
+        by_tile = products.view(4, 4, out_channels, count, block_rows, tiles_w)
+        mixed = scratch("winograd_rows", 10 * count * out_channels * positions, input)
+        mixed = mixed.view(10, out_channels, count, block_rows, tiles_w)
+        top, bottom, pair = mixed[0:4], mixed[4:8], mixed[8:10]
+        torch.add(by_tile[0], by_tile[1], out=top).add_(by_tile[2])
+        torch.sub(by_tile[1], by_tile[2], out=bottom).sub_(by_tile[3])
+        out_block = output[images, :, 2 * rows.start : 2 * rows.stop].view(count, out_channels, block_rows, 2, tiles_w, 2)
+        out_block = out_block.transpose(0, 1)
+        for u, rows_u in enumerate((top, bottom)):
+            torch.add(rows_u[0], rows_u[1], out=pair[0])
+            torch.add(pair[0], rows_u[2], out=out_block[:, :, :, u, :, 0])
+            torch.sub(rows_u[1], rows_u[2], out=pair[1])
+            torch.sub(pair[1], rows_u[3], out=out_block[:, :, :, u, :, 1])
+    return output[:, :, : out_hw[0], : out_hw[1]]
+
+
 class Winograd(ConvAlgorithm):
     name = "winograd"
 
@@ -207,6 +297,9 @@ class Winograd(ConvAlgorithm):
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+        if input.is_contiguous() and min(input.shape[2:]) >= NCHW_MIN_SIZE:  # no layout copies (`_nchw_winograd`)
+            output = _nchw_winograd(input, weight, spec.padding)
+            return output if bias is None else output + bias.view(-1, 1, 1)
         grid, out_hw = _tile_input(input, spec.padding)
         output = _winograd_conv(grid, out_hw, _transformed_weight(weight))
         if bias is not None:

@@ -10,7 +10,7 @@ import torch
 import kernels
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, make_inputs, our_conv, refusal
+from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, assert_parity, make_inputs, our_conv, refusal
 
 FLOAT_DTYPES = {str(dtype).removeprefix("torch.") for dtype in DTYPES}
 
@@ -132,3 +132,27 @@ def test_big_work_still_runs_with_auto(restore_limits):
 def test_set_limits_refuses_non_positive_or_non_int(value, restore_limits):
     with pytest.raises(ValueError, match="reference_max_macs"):
         kernels.set_limits(reference_max_macs=value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding", [0, 1, 2, (2, 1)])
+def test_winograd_channel_first_path_on_large_nchw_images(dtype, padding):
+    """winograd's NCHW forward (images >= NCHW_MIN_SIZE, above the grid's case sizes), also used for
+    grad_input: output and all three gradients against nn.Conv2d's math in float64."""
+    from kernels.winograd import NCHW_MIN_SIZE
+
+    generator = torch.Generator().manual_seed(7)
+    size = (NCHW_MIN_SIZE + 2, NCHW_MIN_SIZE + 6)
+    x = torch.randn(2, 8, *size, generator=generator, dtype=torch.float64)
+    w = torch.randn(6, 8, 3, 3, generator=generator, dtype=torch.float64) * 0.2
+    b = torch.randn(6, generator=generator, dtype=torch.float64)
+    expected_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    expected = torch.nn.functional.conv2d(*expected_leaves, padding=padding)
+    grad_output = torch.randn(expected.shape, generator=generator, dtype=torch.float64) / 64
+    expected.backward(grad_output)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    output = kernels.conv2d(*leaves, padding=padding, algorithm="winograd")
+    output.backward(grad_output.to(dtype))
+    assert_parity("output", output.detach(), expected.detach(), dtype)
+    for name, ours, theirs in zip(("grad_input", "grad_weight", "grad_bias"), leaves, expected_leaves):
+        assert_parity(name, ours.grad, theirs.grad, dtype)
