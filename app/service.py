@@ -53,7 +53,13 @@ def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, flo
 
 
 async def run_problem(
-    request: Request, workers: dict[str, DeviceWorker], problem: Problem, deadline: float, backward: bool, timing_ms: dict[str, float]
+    request: Request,
+    settings: Settings,
+    workers: dict[str, DeviceWorker],
+    problem: Problem,
+    deadline: float,
+    backward: bool,
+    timing_ms: dict[str, float],
 ) -> compute.Outcome:
     """Queue the checked problem on its device's worker and wait; adds queue / compute / reference to
     `timing_ms`. Shared by /forward, /backward and the V2 infer route. Raises ClientGone, 503, 504, 507.
@@ -63,7 +69,7 @@ async def run_problem(
     queueing them costs. Named algorithms always queue: they may be slow by design (e.g. "reference")."""
     run = compute.run_backward if backward else compute.run_forward
     worker = workers[problem.device]
-    if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= app_state(request).settings.inline_macs:
+    if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= settings.inline_macs:
         outcome = worker.run_inline(lambda device: run(problem, device), deadline)
         request.state.algorithm = outcome.algorithm
         timing_ms["queue"] = 0.0
@@ -97,7 +103,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
         deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
     timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
     try:
-        outcome = await run_problem(request, workers, problem, deadline, backward, timing_ms)
+        outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
