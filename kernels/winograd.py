@@ -160,11 +160,13 @@ def _transformed_weight(weight: torch.Tensor) -> torch.Tensor:
     return (_kron_g(weight) @ flat.t()).view(16, out_channels, in_channels).transpose(1, 2)
 
 
-def _blocks(batch: int, tiles_h: int, tiles_w: int, channels: int, element_size: int):
-    """(images, tile rows) blocks whose 16-position tile buffer stays under BLOCK_BYTES and the workspace limit."""
-    row_bytes = 16 * tiles_w * channels * element_size
-    limit = min(BLOCK_BYTES, get_limits().im2col_workspace_bytes)
-    return _row_blocks(batch, tiles_h, row_bytes, limit)
+def _block_plan(batch: int, tiles_h: int, tiles_w: int, channels: int, like: torch.Tensor) -> tuple[list[tuple[slice, slice]], int]:
+    """(images, tile rows) blocks whose 16-position tile buffer stays under BLOCK_BYTES and the workspace
+    limit, and the most tile positions one block holds (what the reused buffers are sized for)."""
+    row_bytes = 16 * tiles_w * channels * like.element_size()
+    blocks = list(_row_blocks(batch, tiles_h, row_bytes, min(BLOCK_BYTES, get_limits().im2col_workspace_bytes)))
+    most = max(((images.stop - images.start) * (rows.stop - rows.start) * tiles_w for images, rows in blocks), default=0)
+    return blocks, most
 
 
 def _scratch(like: torch.Tensor, capacity: int, slot: str):
@@ -182,8 +184,7 @@ def _winograd_conv(grid: torch.Tensor, out_hw: tuple[int, int], transformed: tor
     tiles_h, tiles_w = (grid_height - 2) // 2, (grid_width - 2) // 2
     out_channels = transformed.shape[2]
     output = grid.new_empty(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
-    blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
-    most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+    blocks, most = _block_plan(batch, tiles_h, tiles_w, max(channels, out_channels), grid)
     tile_buffer = _scratch(grid, 16 * most * channels, "winograd_tiles")
     product_buffer = _scratch(grid, 16 * most * out_channels, "winograd_products")
     for images, rows in blocks:
@@ -234,10 +235,9 @@ def _nchw_winograd(input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, i
     split, out_hw, (tiles_h, tiles_w) = _column_phases(input, pads)
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]
-    transformed = (_kron_g(weight) @ weight.reshape(out_channels * channels, 9).t()).view(16, out_channels, channels)
+    transformed = _transformed_weight(weight).transpose(1, 2)  # (16, C_out, C)
     output = input.new_empty(batch, out_channels, 2 * tiles_h, 2 * tiles_w)
-    blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), input.element_size()))
-    most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+    blocks, most = _block_plan(batch, tiles_h, tiles_w, max(channels, out_channels), input)
     tile_buffer = scratch("winograd_tiles", 16 * most * channels, input)
     product_buffer = scratch("winograd_products", 16 * most * out_channels, input)
     for images, rows in blocks:
@@ -333,8 +333,7 @@ class Winograd(ConvAlgorithm):
         grad_grid = _tile_grid(grid, shape, "winograd_grad_grid", slice(0, out_hw[0]), slice(0, out_hw[1]))
         grad_grid[:, : out_hw[0], : out_hw[1]] = grad_output.permute(0, 2, 3, 1)
         grad_transformed = grid.new_zeros(16, channels, out_channels)
-        blocks = list(_blocks(batch, tiles_h, tiles_w, max(channels, out_channels), grid.element_size()))
-        most = max(((b[0].stop - b[0].start) * (b[1].stop - b[1].start) * tiles_w for b in blocks), default=0)
+        blocks, most = _block_plan(batch, tiles_h, tiles_w, max(channels, out_channels), grid)
         tile_buffer = _scratch(grid, 16 * most * channels, "winograd_tiles")
         grad_buffer = _scratch(grid, 16 * most * out_channels, "winograd_products")
         for images, rows in blocks:
