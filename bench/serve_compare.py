@@ -76,13 +76,14 @@ class Server:
 
 def servers(args: argparse.Namespace) -> dict[str, Server]:
     peers = [args.peers_python, "-m"]
+
+    def ours(name: str, **env: str) -> Server:
+        """`python -m app` on the CPU, quiet logs, plus `env`."""
+        base = {"CONV_HOST": "127.0.0.1", "CONV_PORT": str(args.port), "CONV_LOG_LEVEL": "warning", "CONV_DEVICE": "cpu"}
+        return Server(name, [args.ours_python, "-m", "app"], "/readyz", base | env)
+
     return {
-        "ours": Server(
-            "ours",
-            [args.ours_python, "-m", "app"],
-            "/readyz",
-            {"CONV_HOST": "127.0.0.1", "CONV_PORT": str(args.port), "CONV_LOG_LEVEL": "warning", "CONV_DEVICE": "cpu"},
-        ),
+        "ours": ours("ours"),
         "litserve": Server(
             "litserve",
             [*peers, "bench.peers.litserve_server", "--port", str(args.port), "--algorithm", args.algorithm]
@@ -92,31 +93,9 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
             {},
         ),
         # Diagnostic: the same app with one intra-op thread (the profile shows tiny convs losing to thread wake-ups).
-        "ours-1thread": Server(
-            "ours-1thread",
-            [args.ours_python, "-m", "app"],
-            "/readyz",
-            {
-                "CONV_HOST": "127.0.0.1",
-                "CONV_PORT": str(args.port),
-                "CONV_LOG_LEVEL": "warning",
-                "CONV_DEVICE": "cpu",
-                "OMP_NUM_THREADS": "1",
-            },
-        ),
+        "ours-1thread": ours("ours-1thread", OMP_NUM_THREADS="1"),
         # Our scale-out form on one host: CONV_PROCESSES=2 (2 uvicorn worker processes, 1 torch thread each).
-        "ours-2proc": Server(
-            "ours-2proc",
-            [args.ours_python, "-m", "app"],
-            "/readyz",
-            {
-                "CONV_HOST": "127.0.0.1",
-                "CONV_PORT": str(args.port),
-                "CONV_LOG_LEVEL": "warning",
-                "CONV_DEVICE": "cpu",
-                "CONV_PROCESSES": "2",
-            },
-        ),
+        "ours-2proc": ours("ours-2proc", CONV_PROCESSES="2"),
         "fastapi-noop": Server(
             "fastapi-noop",
             [args.ours_python, "-m", "bench.peers.noop_server", "--port", str(args.port)],
