@@ -8,6 +8,9 @@ import os
 
 import torch
 
+# open_server / strict_server: real servers shared by tests/v2 and tests/client.
+pytest_plugins = ["tests.v2.servers"]
+
 CUDA = torch.cuda.is_available()
 
 if not CUDA:

@@ -1,4 +1,4 @@
-"""Fixtures: the shared real servers (tests/v2/servers.py) and tritonclient's HTTP client for each."""
+"""Fixtures: tritonclient's HTTP client for each of the shared real servers (tests/v2/servers.py: open_server, strict_server)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.conftest import Server
-from tests.v2.servers import shared_servers
-
-
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory) -> dict[str, Server]:
-    return shared_servers(tmp_path_factory.mktemp("v2-servers"))
-
-
-@pytest.fixture(scope="session")
-def open_server(servers) -> Server:
-    return servers["open"]
-
-
-@pytest.fixture(scope="session")
-def strict_server(servers) -> Server:
-    return servers["strict"]
 
 
 def _client(server: Server):

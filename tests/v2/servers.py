@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import Server, start, stop, wait_ready
 
 API_KEY = "v2-client-key"
@@ -39,3 +41,21 @@ def shared_servers(log_dir: Path) -> dict[str, Server]:
         for server in _started.values():
             wait_ready(server)
     return _started
+
+
+# The fixtures both suites use (tests/conftest.py loads this module as a pytest plugin).
+
+
+@pytest.fixture(scope="session")
+def v2_servers(tmp_path_factory) -> dict[str, Server]:
+    return shared_servers(tmp_path_factory.mktemp("shared-servers"))
+
+
+@pytest.fixture(scope="session")
+def open_server(v2_servers) -> Server:
+    return v2_servers["open"]
+
+
+@pytest.fixture(scope="session")
+def strict_server(v2_servers) -> Server:
+    return v2_servers["strict"]
