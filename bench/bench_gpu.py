@@ -30,21 +30,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.bench_kernels import Shape as KernelShape  # the layer fields; the GPU run adds input_grad
+
 CUDNN = "cuDNN"
 BATCH = 32
 GOAL_GEOMEAN, GOAL_WORST = 1.25, 2.0
 
 
 @dataclass(frozen=True)
-class Shape:
-    name: str
-    in_channels: int
-    out_channels: int
-    size: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    groups: int = 1
+class Shape(KernelShape):
     input_grad: bool = True  # the stem's input is the image: training never asks for its gradient
 
     def tiny(self) -> Shape:
