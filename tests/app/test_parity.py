@@ -1,0 +1,59 @@
+"""app/parity.py: the small-tensor comparison on Python floats gives exactly what the float64 torch ops give."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app import parity
+
+SPECIAL = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-9]
+
+
+def _pair(size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(result, expected): close values, some equal, some far, near-zero ones and NaN / infinities on either or both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    expected = torch.randn(size, generator=generator, dtype=torch.float64)
+    result = expected + torch.randn(size, generator=generator, dtype=torch.float64) * 10.0 ** torch.randint(
+        -9, 1, (size,), generator=generator
+    )
+    picks = torch.randint(0, 4 * len(SPECIAL), (2, size), generator=generator).tolist()
+    for index in range(size):
+        if index % 5 == 0:
+            result[index] = expected[index]
+        for tensor, pick in ((result, picks[0][index]), (expected, picks[1][index])):
+            if pick < len(SPECIAL):
+                tensor[index] = SPECIAL[pick]
+    return result.to(dtype), expected.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("size", [1, 4, 37, parity.SMALL_ELEMENTS])
+@pytest.mark.parametrize("seed", range(6))
+def test_small_comparison_matches_the_torch_ops(monkeypatch, dtype, size, seed):
+    result, expected = _pair(size, dtype, seed)
+    atol, rtol = (1e-5, 1e-4) if seed % 2 else (0.0, 0.0)
+    fast = parity.compare(result, expected, atol, rtol), parity.errors(result, expected, atol)
+    monkeypatch.setattr(parity, "SMALL_ELEMENTS", 0)  # every size through the torch ops
+    slow = parity.compare(result, expected, atol, rtol), parity.errors(result, expected, atol)
+    assert fast == slow
+    assert fast[0]["allclose"] == torch.allclose(result.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+def test_small_comparison_reports_real_errors():
+    result, expected = torch.tensor([1.0, 2.0, math.nan, 5.0]), torch.tensor([1.0, 2.5, math.nan, 0.0])
+    entry = parity.compare(result, expected, atol=1e-5, rtol=1e-4)
+    assert entry == {"max_abs_err": 5.0, "max_rel_err": 0.2, "allclose": False}
+    assert parity.compare(expected, expected, atol=0.0, rtol=0.0) == {"max_abs_err": 0.0, "max_rel_err": 0.0, "allclose": True}
+    assert parity.errors(torch.tensor([1.0, math.nan]), torch.tensor([1.0, 3.0]), 1e-5) == (math.inf, math.inf)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_allclose_boundary_is_inclusive(monkeypatch, small):
+    if not small:
+        monkeypatch.setattr(parity, "SMALL_ELEMENTS", 0)
+    result, expected = torch.tensor([1.5, 2.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert parity.compare(result, expected, atol=0.5, rtol=0.0)["allclose"] is True
+    assert parity.compare(result, expected, atol=0.25, rtol=0.0)["allclose"] is False
