@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from app.memory import keep_freed_memory
 
 BATCH = 4
 
@@ -207,12 +208,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels-last", action="store_true", help="feed channels_last input (default NCHW contiguous)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or process CPU time (for a busy machine)")
+    parser.add_argument(
+        "--malloc",
+        choices=("reuse", "default"),
+        default="reuse",
+        help="reuse: glibc keeps freed blocks, as the service runs (CONV_MALLOC_REUSE, app/memory.py); default: glibc's own",
+    )
     parser.add_argument("--json", help="write the raw medians and ratios to this file")
     parser.add_argument("--plot", help="draw the ratio per shape to this PNG (needs matplotlib; imported only then)")
     parser.add_argument("--plot-provider", default="auto", help="which of our providers --plot draws (default auto)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # With glibc's defaults every output-sized allocation is fresh pages (~3 us a page fault on the
+    # benchmark VM), and how often depends on the process's allocation history, so the same conv
+    # timed 0.25 or 2.4 ms depending on what ran before it. The service keeps freed blocks.
+    if args.malloc == "reuse" and not keep_freed_memory():
+        print("note: --malloc reuse needs glibc; measuring with the C library's defaults")
     global _clock
     _clock = CLOCKS[args.clock]
 
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']}, mkldnn={info['mkldnn']})")
     print(
-        f"batch {BATCH}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps"
+        f"batch {BATCH}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps; "
+        f"malloc {args.malloc}"
     )
     ours = [n for n in names if n != TORCH]
     header = f"{'shape':<20} {'nn.Conv2d fwd / fwd+bwd':>24} | " + " | ".join(f"{n + ' fwd  fwd+bwd':>22}" for n in ours)
@@ -255,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": BATCH,
         "layout": layout,
         "clock": args.clock,
+        "malloc": args.malloc,
         "reps": args.reps,
         "shapes": results,
         "geomean": means,

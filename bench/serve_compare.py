@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from app.memory import keep_freed_memory
 from bench.peers import formats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +158,8 @@ def make_tensors(workload: Workload) -> dict[str, np.ndarray]:
 
 
 def pure_compute_ms(workload: Workload, algorithm: str, reps: int) -> float:
-    """Median of kernels.conv2d in this process, on the tensors the servers get, with the servers' thread count."""
+    """Median of kernels.conv2d in this process, on the tensors the servers get, with the servers' thread count
+    and malloc settings (`measure` calls keep_freed_memory, as our server does by default)."""
     tensors = {name: torch.from_numpy(value) for name, value in make_tensors(workload).items()}
     times = []
     with torch.no_grad():
@@ -413,6 +415,9 @@ def measure(args: argparse.Namespace, work_dir: Path) -> dict:
         as_torch = {name: torch.from_numpy(value) for name, value in tensors.items()}
         expected[key] = F.conv2d(as_torch["input"], as_torch["weight"], as_torch["bias"], padding=workloads[key].padding).numpy()
     results: dict = {"rows": [], "compute_ms": {}, "timing_ms": {}, "load_avg_1m": {"start": os.getloadavg()[0]}}
+    # Our server keeps freed blocks (CONV_MALLOC_REUSE); with glibc's defaults the in-process figure
+    # would include fresh-page faults the server does not pay (measured 20-49 ms for the same 8x64 conv).
+    keep_freed_memory()
     for key, workload in workloads.items():
         results["compute_ms"][key] = pure_compute_ms(workload, args.algorithm, reps=args.compute_reps)
         threads = torch.get_num_threads()

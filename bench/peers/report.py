@@ -199,17 +199,27 @@ def goals(results: dict) -> list[tuple[str, str, bool | None]]:
     ours = _best(rows, "8x64", 1, "ours")
     goal = f"8x64x56x56: serving overhead (end-to-end p50 at c=1 / pure compute) <= {GOAL_OVERHEAD:g}"
     if ours and "8x64" in results["compute_ms"]:
-        ratio = ours["p50_ms"] / results["compute_ms"]["8x64"]
+        compute, source = _pure_compute(results, ours)
+        ratio = ours["p50_ms"] / compute
         checks.append(
-            (
-                goal,
-                f"{ours['p50_ms']:.1f} ms ({ours['encoding']}) / {results['compute_ms']['8x64']:.1f} ms = {ratio:.2f}",
-                ratio <= GOAL_OVERHEAD,
-            )
+            (goal, f"{ours['p50_ms']:.1f} ms ({ours['encoding']}) / {compute:.1f} ms ({source}) = {ratio:.2f}", ratio <= GOAL_OVERHEAD)
         )
     else:
         checks.append((goal, "not run", None))
     return checks
+
+
+def _pure_compute(results: dict, row: dict) -> tuple[float, str]:
+    """The smaller of the in-process pure compute and our server's own compute stage for the row: the stricter ratio.
+
+    Both vary by 20-50% between processes on a shared 2-core host, so the goal is not met by a slow
+    in-process measurement alone.
+    """
+    in_process = results["compute_ms"]["8x64"]
+    in_server = results["timing_ms"].get(f"8x64 {row['encoding']}", {}).get("compute")
+    if in_server is not None and in_server < in_process:
+        return in_server, "server's compute stage"
+    return in_process, "in-process"
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
