@@ -88,7 +88,12 @@ def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True
             raise TooLarge(f"the body is {int(declared):,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
 
 
-async def _read_capped(request: Request, max_body_bytes: int) -> bytearray:
+# Where a binary section starts at a known offset (V2's Inference-Header-Content-Length), the body is
+# placed so that offset lands on this boundary: tensors are then views of the body, never realigning copies.
+BINARY_ALIGNMENT = 16
+
+
+async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int) -> bytearray | memoryview:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -96,19 +101,26 @@ async def _read_capped(request: Request, max_body_bytes: int) -> bytearray:
         if size > max_body_bytes:
             raise TooLarge(f"the body exceeds the limit of {max_body_bytes:,} bytes (CONV_MAX_BODY_BYTES)")
         chunks.append(chunk)
-    # Writable, so binary tensors (V2's binary extension) can be views of it instead of copies.
-    return bytearray().join(chunks)
+    # Writable, so binary tensors (V2's binary extension) can be views of it instead of copies. The
+    # buffer itself comes from malloc (16-byte aligned); `pad` leading bytes put binary_offset on the boundary.
+    pad = -binary_offset % BINARY_ALIGNMENT
+    if not pad:
+        return bytearray().join(chunks)
+    return memoryview(bytearray().join([bytes(pad), *chunks]))[pad:]
 
 
-async def read_body(request: Request, settings: Settings, deadline: float, json_only: bool = True) -> bytearray:
-    """The request's bytes, with 415 for other media types, 413 past max_body_bytes (declared or streamed)
+async def read_body(
+    request: Request, settings: Settings, deadline: float, json_only: bool = True, binary_offset: int = 0
+) -> bytearray | memoryview:
+    """The request's bytes (writable), with 415 for other media types, 413 past max_body_bytes (declared or streamed)
     without reading the rest, 408 past CONV_BODY_TIMEOUT_S and 504 past the request's deadline. `json_only=False` (the V2
-    routes: JSON followed by raw tensor bytes) skips the Content-Type check only."""
+    routes: JSON followed by raw tensor bytes) skips the Content-Type check only; byte `binary_offset` of the
+    result is 16-byte aligned."""
     _check_headers(request, settings.max_body_bytes, json_only)
     body_deadline = time.monotonic() + settings.body_timeout_s
     try:
         async with asyncio.timeout(max(0.0, min(deadline, body_deadline) - time.monotonic())):
-            return await _read_capped(request, settings.max_body_bytes)
+            return await _read_capped(request, settings.max_body_bytes, binary_offset)
     except TimeoutError:
         if body_deadline <= deadline:
             raise BodyTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s (CONV_BODY_TIMEOUT_S)") from None

@@ -36,14 +36,22 @@ def decode(
     return request, problem
 
 
+def _binary_offset(header_length: str | None) -> int:
+    """Where the binary section starts, when the header says so (a bad value is reported by split_body)."""
+    return int(header_length) if header_length is not None and header_length.strip().isdigit() else 0
+
+
 async def infer(request: Request, model: Model, settings: Settings, workers: dict[str, DeviceWorker], metrics: Metrics) -> Response:
     arrived, arrived_monotonic = time.perf_counter(), time.monotonic()
     deadline = arrived_monotonic + settings.request_timeout_s
+    header_length = request.headers.get(HEADER_LENGTH)
     # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
-    raw = await read_body(request, settings, deadline, json_only=False)
+    raw = await read_body(request, settings, deadline, json_only=False, binary_offset=_binary_offset(header_length))
     decode_start = time.perf_counter()
-    arguments = (model, raw, request.headers.get(HEADER_LENGTH), settings, list(workers), default_device(settings, workers))
-    v2_request, problem = decode(*arguments) if len(raw) <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
+    arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
+    # Only the JSON part costs time to decode: binary tensors become views of the body.
+    json_length = min(len(raw), _binary_offset(header_length) or len(raw))
+    v2_request, problem = decode(*arguments) if json_length <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
     del raw, arguments
     if problem.options.timeout_s is not None:
         deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
