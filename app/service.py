@@ -71,20 +71,19 @@ async def run_problem(
     worker = workers[problem.device]
     if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= settings.inline_macs:
         outcome = worker.run_inline(lambda device: run(problem, device), deadline)
-        request.state.algorithm = outcome.algorithm
-        timing_ms["queue"] = 0.0
-        timing_ms.update(outcome.timing_ms)
-        return outcome
-    started: list[float] = []
+        queue_ms = 0.0
+    else:
+        started: list[float] = []
 
-    def job(device):
-        started.append(time.perf_counter())
-        return run(problem, device)
+        def job(device):
+            started.append(time.perf_counter())
+            return run(problem, device)
 
-    queued = time.perf_counter()
-    outcome = await worker.run(job, deadline, request.is_disconnected)
+        queued = time.perf_counter()
+        outcome = await worker.run(job, deadline, request.is_disconnected)
+        queue_ms = ((started[0] if started else queued) - queued) * 1e3
     request.state.algorithm = outcome.algorithm
-    timing_ms["queue"] = ((started[0] if started else queued) - queued) * 1e3
+    timing_ms["queue"] = queue_ms
     timing_ms.update(outcome.timing_ms)
     return outcome
 

@@ -45,12 +45,13 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     arrived, arrived_monotonic = time.perf_counter(), time.monotonic()
     deadline = arrived_monotonic + settings.request_timeout_s
     header_length = request.headers.get(HEADER_LENGTH)
+    binary_offset = _binary_offset(header_length)
     # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
-    raw = await read_body(request, settings, deadline, json_only=False, binary_offset=_binary_offset(header_length))
+    raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset)
     decode_start = time.perf_counter()
     arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
     # Only the JSON part costs time to decode: binary tensors become views of the body.
-    json_length = min(len(raw), _binary_offset(header_length) or len(raw))
+    json_length = min(len(raw), binary_offset or len(raw))
     v2_request, problem = decode(*arguments) if json_length <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
     del raw, arguments
     if problem.options.timeout_s is not None:

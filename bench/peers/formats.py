@@ -112,16 +112,19 @@ def _v2_input(name: str, array: np.ndarray, binary: bool) -> dict:
     return tensor
 
 
+def _v2_binary_request(names: dict[str, str], tensors: Tensors, parameters: dict) -> tuple[bytes, dict[str, str]]:
+    """A V2 request with the binary tensor extension both ways: JSON header, then raw float32 bytes; -> (body, headers)."""
+    inputs = [_v2_input(names.get(name, name), value, binary=True) for name, value in tensors.items()]
+    header = _dumps({"inputs": inputs, "parameters": {**parameters, "binary_data_output": True}})
+    raw = b"".join(np.ascontiguousarray(value, dtype="<f4").tobytes() for value in tensors.values())
+    return header + raw, {_HEADER_LENGTH: str(len(header))}
+
+
 def kserve(binary: bool) -> Variant:
     def build(tensors: Tensors, conv: dict) -> bytes:
-        parameters = dict(conv["args"])
         if binary:
-            parameters["binary_data_output"] = True
-        header = _dumps({"inputs": [_v2_input(name, value, binary) for name, value in tensors.items()], "parameters": parameters})
-        if not binary:
-            return header, {}
-        raw = b"".join(np.ascontiguousarray(value, dtype="<f4").tobytes() for value in tensors.values())
-        return header + raw, {_HEADER_LENGTH: str(len(header))}
+            return _v2_binary_request({}, tensors, conv["args"])
+        return _dumps({"inputs": [_v2_input(name, value, False) for name, value in tensors.items()], "parameters": conv["args"]}), {}
 
     def decode(content: bytes, headers: dict[str, str]) -> np.ndarray:
         if binary:
@@ -148,13 +151,9 @@ def ours_v2_binary(server: str = "ours") -> Variant:
     names = {"input": "INPUT", "weight": "WEIGHT", "bias": "BIAS"}
 
     def build(tensors: Tensors, conv: dict) -> bytes:
-        inputs = [_v2_input(names[name], value, binary=True) for name, value in tensors.items()]
-        parameters = {**conv["args"], "algorithm": conv["algorithm"], "parity": False, "binary_data_output": True}
-        header = _dumps({"inputs": inputs, "parameters": parameters})
-        raw = b"".join(np.ascontiguousarray(value, dtype="<f4").tobytes() for value in tensors.values())
-        return header + raw, {_HEADER_LENGTH: str(len(header))}
+        return _v2_binary_request(names, tensors, {**conv["args"], "algorithm": conv["algorithm"], "parity": False})
 
-    return Variant(server, "v2-binary", "binary", "/v2/models/conv2d/infer", build, _v2_binary_output, "application/octet-stream")
+    return Variant(server, "v2-binary", "binary", KSERVE_PATH, build, _v2_binary_output, "application/octet-stream")
 
 
 def _v2_binary_output(content: bytes, headers: dict[str, str]) -> np.ndarray:
