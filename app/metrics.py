@@ -46,10 +46,25 @@ class Metrics:
             "conv_device_memory_bytes", "Device memory: CUDA allocated / reserved, CPU peak RSS", ["device", "kind"], registry=self.registry
         )
 
+        # Labelled children by label values: `labels()` costs ~3 us a call, and a request makes ~8.
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *values: str):
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe_stages(self, timing_ms: dict[str, float]) -> None:
         for stage, milliseconds in timing_ms.items():
             if stage != "total":
-                self.stage.labels(stage).observe(milliseconds / 1e3)
+                self._child(self.stage, stage).observe(milliseconds / 1e3)
+
+    def count(self, endpoint: str, status: str, algorithm: str, seconds: float) -> None:
+        """One finished HTTP request."""
+        self._child(self.requests, endpoint, status, algorithm).inc()
+        self._child(self.latency, endpoint).observe(seconds)
 
     def render(self, workers: Iterable[DeviceWorker]) -> bytes:
         for worker in workers:
@@ -102,5 +117,4 @@ class MetricsMiddleware:
             if compute:
                 self.metrics.in_flight.dec()
             algorithm = scope.get("state", {}).get("algorithm", "")
-            self.metrics.requests.labels(endpoint, str(status["code"]), algorithm).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.count(endpoint, str(status["code"]), algorithm, time.perf_counter() - start)

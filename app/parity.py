@@ -22,13 +22,18 @@ EXACT_REFERENCE = "torch.nn.functional.conv2d in float64 on cpu"
 
 
 @contextmanager
-def tf32(allowed: bool) -> Iterator[None]:
+def tf32(allowed: bool, device: torch.device) -> Iterator[None]:
     """TF32 for matmul and cuDNN conv, as the request says, for both ours and the reference; restored after.
 
-    The flags are process-wide; device workers run one job each, so on a multi-GPU host two workers
-    could overlap here. Each sets the same flags from its own request, which is right unless two
-    requests with different allow_tf32 run at the same instant on different GPUs.
+    Only CUDA reads these flags, so on other devices this does nothing (setting and restoring them cost
+    ~10 us, a few percent of a seed-sized request). The flags are process-wide; device workers run one
+    job each, so on a multi-GPU host two workers could overlap here. Each sets the same flags from its
+    own request, which is right unless two requests with different allow_tf32 run at the same instant
+    on different GPUs.
     """
+    if device.type != "cuda":
+        yield
+        return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed

@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 
 import kernels
-from app.codec import DTYPE_NAMES, DTYPES, decode_tensor
+from app.codec import DTYPE_NAMES, DTYPES, as_dtype, decode_tensor
 from app.config import Settings
 from app.errors import InvalidField, InvalidFields, TooLarge
 from app.schemas import BackwardOptions, ForwardOptions
@@ -158,9 +158,7 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
     grad_output = decode("grad_output", (3, 4)) if backward else None
     assert input is not None and weight is not None
     dtype = DTYPES[options.dtype] if options.dtype else input.dtype
-    input, weight = input.to(dtype), weight.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
-    grad_output = grad_output.to(dtype) if grad_output is not None else None
+    input, weight, bias, grad_output = (as_dtype(tensor, dtype) for tensor in (input, weight, bias, grad_output))
     _check_algorithm(options.algorithm, device, dtype)
 
     output_shape, options = _output_shape(options, input, weight, bias)

@@ -11,7 +11,8 @@ import torch
 
 from kernels import padding as padding_modes
 from kernels.base import ConvAlgorithm, get
-from kernels.params import ConvSpec, IntPair, PaddingArg, normalize
+from kernels.limits import get_limits
+from kernels.params import ConvSpec, IntPair, PaddingArg, call_key, normalize
 from kernels.selection import resolve
 
 
@@ -84,6 +85,34 @@ def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) 
     return padding_modes.pad(input, spec.padding, padding_mode), spec.with_padding((0, 0, 0, 0))
 
 
+# (spec, algorithm, output memory format) by call: validation, "auto"'s choice and the format test read
+# only shapes, strides, dtypes, devices, the arguments, the thread count and the limits, and took ~45
+# us of a seed-sized conv's ~80 (a model's small layers pay it on every call). Errors are not cached.
+_PLANS: dict[tuple, tuple[ConvSpec, ConvAlgorithm, torch.memory_format]] = {}
+PLAN_CACHE_SIZE = 1024
+
+
+def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm):
+    key = (
+        *call_key(batched, weight, bias, stride, padding, dilation, groups, padding_mode),
+        batched.stride(),
+        weight.stride(),
+        repr(algorithm),
+        torch.get_num_threads(),
+        get_limits(),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
+        chosen = resolve(algorithm, batched, weight, spec)
+        channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
+        plan = (spec, chosen, torch.channels_last if channels_last else torch.contiguous_format)
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -108,10 +137,7 @@ def conv2d(
         raise TypeError(f"conv2d(): argument 'bias' must be Tensor or None, not {type(bias).__name__}")
     unbatched = input.dim() == 3
     batched = input.unsqueeze(0) if unbatched else input
-    spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
-    chosen = resolve(algorithm, batched, weight, spec)
-    channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
         output = Conv2dFunction.apply(*arguments)
