@@ -109,14 +109,14 @@ def _timed(step: Callable[[], None], inner: int) -> float:
     return (_clock() - start) / inner
 
 
-def bench_shape(shape: Shape, names: list[str], reps: int, channels_last: bool) -> dict:
+def bench_shape(shape: Shape, names: list[str], reps: int, channels_last: bool, batch: int = BATCH) -> dict:
     """{provider: {"fwd": median s, "fwd_bwd": median s}} for one shape, providers interleaved.
 
     Providers that refuse the shape (UnsupportedProblem) are left out of the result.
     """
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(BATCH, shape.in_channels, shape.size, shape.size).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, shape.in_channels, shape.size, shape.size).contiguous(memory_format=memory_format)
     w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel) * 0.1
     x_grad, w_grad = x.clone().requires_grad_(), w.clone().requires_grad_()
     expected = F.conv2d(x, w, None, shape.stride, shape.padding, 1, shape.groups)
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per provider (median reported)")
     parser.add_argument("--providers", default="all", help=f"comma-separated subset of {providers()}; nn.Conv2d always runs")
     parser.add_argument("--channels-last", action="store_true", help="feed channels_last input (default NCHW contiguous)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per call (default {BATCH}; the service's usual request is 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or process CPU time (for a busy machine)")
     parser.add_argument(
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']}, mkldnn={info['mkldnn']})")
     print(
-        f"batch {BATCH}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps; "
+        f"batch {args.batch}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps; "
         f"malloc {args.malloc}"
     )
     ours = [n for n in names if n != TORCH]
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     for shape_name in chosen:
-        timings = bench_shape(SHAPES[shape_name], names, args.reps, args.channels_last)
+        timings = bench_shape(SHAPES[shape_name], names, args.reps, args.channels_last, args.batch)
         base = timings[TORCH]
         ratios = {n: {k: timings[n][k] / base[k] for k in base} for n in ours if n in timings}
         results[shape_name] = {"shape": asdict(SHAPES[shape_name]), "seconds": timings, "ratio": ratios}
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'worst shape':<44} | " + " | ".join(_cell(worst[n]) for n in ours))
     report = {
         "machine": info,
-        "batch": BATCH,
+        "batch": args.batch,
         "layout": layout,
         "clock": args.clock,
         "malloc": args.malloc,

@@ -50,6 +50,16 @@ MAX_SHIFTED_WASTE = 1.1
 # At 1 thread (CPU clock) 64x56 is a tie or a winograd win (1.71/1.52 vs 1.85/1.68; 1.48/1.39 vs 1.51/1.37).
 SHIFTED_OVER_WINOGRAD_THREADS = 2
 SHIFTED_OVER_WINOGRAD_MAX_CHANNELS = 64
+# From SHIFTED_OVER_WINOGRAD_THREADS threads, winograd also needs its 16 per-position GEMMs (M = tiles,
+# N*ceil(H_out/2)*ceil(W_out/2); K = C_in/groups; C_out columns) to hold this many multiply-adds each:
+# smaller ones do not split well across threads, and im2col's one GEMM of 2.25x the flops wins.
+# Measured round 9 (2026-11-27, 2 threads, ours/nn.Conv2d fwd / fwd+bwd, means of 6 runs at batch 1
+# and 4 at batch 2; single runs swing by 30%): at 3.2M (128x28 and 256x14 at batch 1, the service's
+# usual request) winograd 1.78/1.54 and 1.51/1.85 vs im2col 1.59/1.41 and 1.34/1.74; at 6.4M (batch 2)
+# a tie (1.36/1.27 vs 1.33/1.34, 1.24/1.36 vs 1.26/1.43); at 12.8M (batch 4) winograd ahead (1.17-1.20/
+# 1.02-1.08 vs 1.30-1.32/1.20-1.32). At 1 thread and batch 1 winograd still wins 128x28 (1.26/0.98 vs
+# 1.43/1.24), so the rule is for threaded runs only.
+WINOGRAD_MIN_THREADED_GEMM_MACS = 4 << 20
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_OUTPUT = 24
 WINOGRAD_WIDE_CHANNELS = 128  # from this many channels (in and out), outputs down to WINOGRAD_WIDE_MIN_OUTPUT
@@ -67,6 +77,9 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         if threaded and few_channels and _worth_running("shifted_gemm", input, weight, spec):
             return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
+        tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
+        if threaded and tiles * weight.shape[1] * weight.shape[0] < WINOGRAD_MIN_THREADED_GEMM_MACS:
+            return False  # per-position GEMMs too small to split across threads
         channels, size = min(weight.shape[0], weight.shape[1]), min(out_height, out_width)
         if channels >= WINOGRAD_WIDE_CHANNELS:
             return size >= WINOGRAD_WIDE_MIN_OUTPUT

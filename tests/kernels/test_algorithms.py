@@ -76,6 +76,24 @@ def test_auto_picks_unfold_only_for_small_problems(input_shape, weight_shape, gr
     assert choose(input, weight, spec).name == expected
 
 
+@pytest.mark.parametrize(
+    ("batch", "threads", "expected"),
+    [(1, 2, "im2col"), (2, 2, "winograd"), (1, 1, "winograd")],
+    ids=["batch1_threaded", "batch2_threaded", "batch1_one_thread"],
+)
+def test_auto_leaves_winograd_when_its_gemms_are_too_small_to_thread(batch, threads, expected):
+    """128x28: 196 tiles per image x 128 x 128 = 3.2M MACs per position GEMM at batch 1, under
+    WINOGRAD_MIN_THREADED_GEMM_MACS; twice that at batch 2; and the rule is for threaded runs only."""
+    input, weight = torch.empty(batch, 128, 28, 28), torch.empty(128, 128, 3, 3)
+    spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert choose(input, weight, spec).name == expected
+    finally:
+        torch.set_num_threads(saved)
+
+
 REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]
 
 
