@@ -27,8 +27,12 @@ SMALL_MACS = 1 << 18
 # per-tap GEMMs (K = C) run below the efficiency of im2col's one long-K GEMM; it only wins where
 # im2col's 9x patch copy is large relative to the work, i.e. big images with little padding waste.
 # Measured (docs/performance.md): 56x56 (waste 58*58/56*56 = 1.07) wins clearly for forward and
-# backward; 28x28 (1.15) wins forward but loses forward+backward, so the cut is below it.
-MAX_SHIFTED_WASTE = 1.1
+# backward. 28x28 (1.148) lost forward+backward in the first rounds; re-measured in round 9 (2026-11-27,
+# 16, 32, 64, 96 channels x batch 1 and 4 x 1 and 2 threads, 11 reps) it beats or ties im2col in 14 of
+# 16 forward+backward cases (e.g. 64x28 at batch 1, 2 threads: 1.66/1.73 vs 1.60-2.18/1.68-1.90; at
+# batch 4, 1 thread: 1.44/1.31 vs 1.78/1.76), so the cut now takes it; 14x14 (1.31) still loses
+# (128x14, 256x14 at batch 1 and 2: shifted 1.34-1.59/1.49-2.15 vs im2col 1.14-1.69/1.39-1.89).
+MAX_SHIFTED_WASTE = 1.15
 
 
 # winograd (F(2x2, 3x3), 3x3 stride 1 only) trades 2.25x fewer GEMM flops for tile transforms whose
@@ -50,16 +54,19 @@ MAX_SHIFTED_WASTE = 1.1
 # At 1 thread (CPU clock) 64x56 is a tie or a winograd win (1.71/1.52 vs 1.85/1.68; 1.48/1.39 vs 1.51/1.37).
 SHIFTED_OVER_WINOGRAD_THREADS = 2
 SHIFTED_OVER_WINOGRAD_MAX_CHANNELS = 64
-# From SHIFTED_OVER_WINOGRAD_THREADS threads, winograd also needs its 16 per-position GEMMs (M = tiles,
-# N*ceil(H_out/2)*ceil(W_out/2); K = C_in/groups; C_out columns) to hold this many multiply-adds each:
-# smaller ones do not split well across threads, and im2col's one GEMM of 2.25x the flops wins.
-# Measured round 9 (2026-11-27, 2 threads, ours/nn.Conv2d fwd / fwd+bwd, means of 6 runs at batch 1
-# and 4 at batch 2; single runs swing by 30%): at 3.2M (128x28 and 256x14 at batch 1, the service's
-# usual request) winograd 1.78/1.54 and 1.51/1.85 vs im2col 1.59/1.41 and 1.34/1.74; at 6.4M (batch 2)
-# a tie (1.36/1.27 vs 1.33/1.34, 1.24/1.36 vs 1.26/1.43); at 12.8M (batch 4) winograd ahead (1.17-1.20/
-# 1.02-1.08 vs 1.30-1.32/1.20-1.32). At 1 thread and batch 1 winograd still wins 128x28 (1.26/0.98 vs
-# 1.43/1.24), so the rule is for threaded runs only.
-WINOGRAD_MIN_THREADED_GEMM_MACS = 4 << 20
+# winograd also needs its 16 per-position GEMMs (M = tiles, N*ceil(H_out/2)*ceil(W_out/2); K =
+# C_in/groups; C_out columns) to hold enough multiply-adds each: small ones run far below peak (and
+# from 2 threads do not split well), while im2col and shifted_gemm run one long GEMM of 2.25x the
+# flops. Measured round 9 (2026-11-27, ours/nn.Conv2d fwd / fwd+bwd; single runs swing by up to 30%,
+# so batch 1 and 2 are means of 6 and 4 runs). 2 threads: at 3.2M per GEMM (128x28 and 256x14 at
+# batch 1, the service's usual request) winograd 1.78/1.54 and 1.51/1.85 vs im2col 1.59/1.41 and
+# 1.34/1.74; at 6.4M (batch 2) a tie or a winograd win (1.36/1.27 vs 1.33/1.34; 1.24/1.36 vs
+# 1.26/1.43); from 7.2M (192x28 batch 1, batch 4) winograd ahead (256x28 batch 1: 1.06/0.90 vs
+# im2col 1.28/1.17). 1 thread: 3.2M still wins (128x28 batch 1: 1.26/0.98 vs im2col 1.43/1.24),
+# 1.8M and less lose to shifted_gemm (96x28 batch 1: 1.54/1.29 vs 1.32/1.23; 64x28: 2.44/2.04 vs
+# 1.52/1.14; 32x28: 3.35/3.40 vs 1.46/1.81; 32x28 batch 4, 0.8M: 2.90/2.45 vs 1.76/1.62).
+WINOGRAD_MIN_GEMM_MACS = 2 << 20
+WINOGRAD_MIN_THREADED_GEMM_MACS = 4 << 20  # from SHIFTED_OVER_WINOGRAD_THREADS threads
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_OUTPUT = 24
 WINOGRAD_WIDE_CHANNELS = 128  # from this many channels (in and out), outputs down to WINOGRAD_WIDE_MIN_OUTPUT
@@ -78,8 +85,8 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
             return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
-        if threaded and tiles * weight.shape[1] * weight.shape[0] < WINOGRAD_MIN_THREADED_GEMM_MACS:
-            return False  # per-position GEMMs too small to split across threads
+        if tiles * weight.shape[1] * weight.shape[0] < (WINOGRAD_MIN_THREADED_GEMM_MACS if threaded else WINOGRAD_MIN_GEMM_MACS):
+            return False  # per-position GEMMs too small to run (or split across threads) efficiently
         channels, size = min(weight.shape[0], weight.shape[1]), min(out_height, out_width)
         if channels >= WINOGRAD_WIDE_CHANNELS:
             return size >= WINOGRAD_WIDE_MIN_OUTPUT

@@ -67,7 +67,7 @@ def test_auto_on_cpu_never_refuses_the_grid():
         ((2, 1, 3, 3), (2, 1, 3, 3), 1, "unfold"),  # the seed case: 324 MACs, per-call overhead is all
         ((1, 8, 16, 16), (8, 8, 3, 3), 1, "unfold"),  # 147K MACs, under SMALL_MACS
         ((4, 32, 28, 28), (32, 1, 3, 3), 32, "depthwise"),  # 0.9M MACs: unfold's grouped matmul would lose
-        ((2, 64, 32, 32), (64, 64, 3, 3), 1, "winograd"),
+        ((4, 64, 32, 32), (64, 64, 3, 3), 1, "winograd"),  # 4.2M MACs per Winograd GEMM (WINOGRAD_MIN_GEMM_MACS)
     ],
 )
 def test_auto_picks_unfold_only_for_small_problems(input_shape, weight_shape, groups, expected):
@@ -77,14 +77,15 @@ def test_auto_picks_unfold_only_for_small_problems(input_shape, weight_shape, gr
 
 
 @pytest.mark.parametrize(
-    ("batch", "threads", "expected"),
-    [(1, 2, "im2col"), (2, 2, "winograd"), (1, 1, "winograd")],
-    ids=["batch1_threaded", "batch2_threaded", "batch1_one_thread"],
+    ("channels", "batch", "threads", "expected"),
+    [(128, 1, 2, "shifted_gemm"), (128, 2, 2, "winograd"), (128, 1, 1, "winograd"), (64, 1, 1, "shifted_gemm")],
+    ids=["3.2M_threaded", "6.4M_threaded", "3.2M_one_thread", "0.8M_one_thread"],
 )
-def test_auto_leaves_winograd_when_its_gemms_are_too_small_to_thread(batch, threads, expected):
-    """128x28: 196 tiles per image x 128 x 128 = 3.2M MACs per position GEMM at batch 1, under
-    WINOGRAD_MIN_THREADED_GEMM_MACS; twice that at batch 2; and the rule is for threaded runs only."""
-    input, weight = torch.empty(batch, 128, 28, 28), torch.empty(128, 128, 3, 3)
+def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected):
+    """3x3 on 28x28: 196 tiles per image x C x C MACs per position GEMM (128 channels at batch 1: 3.2M),
+    against WINOGRAD_MIN_THREADED_GEMM_MACS (4M) from 2 threads and WINOGRAD_MIN_GEMM_MACS (2M) at 1;
+    refused, the layer goes to shifted_gemm (28x28 is within MAX_SHIFTED_WASTE)."""
+    input, weight = torch.empty(batch, channels, 28, 28), torch.empty(channels, channels, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
     saved = torch.get_num_threads()
     try:
