@@ -23,6 +23,19 @@ _PREFERENCE = {
 # 1x16x32x32 (2.4M) 460 / 1808 vs im2col 358 / 1704; depthwise 4x32x28x28 (0.9M) 3.6 ms vs 1.1 ms.
 SMALL_MACS = 1 << 18
 
+# unfold also takes plain stride-1 convs (groups 1, a kernel bigger than 1x1) with at most this many
+# output positions per call (N*H_out*W_out: one 14x14 image, four 7x7 ones), whatever their size: there
+# im2col's per-tap scatter and winograd's per-position GEMMs have too few rows, while unfold's one
+# GEMM with K = C_in*kH*kW and F.fold stay efficient. Measured round 9 (2026-11-27, ours/nn.Conv2d fwd /
+# fwd+bwd, 11 reps, 2 threads, batch 1): 64x14 unfold 1.75/2.09 vs auto 2.24/2.51, 256x14 1.15/1.33 vs
+# 1.30/1.71, 512x14 0.99/1.23 vs 1.17/1.75, 256x7 1.24/1.54 vs 2.16/3.25, 512x7 0.90/1.12 vs 1.50/2.80;
+# batch 2 of 7x7 (98 positions) 1.15/1.39 vs 1.50/2.07 and 0.99/1.25 vs 1.33/2.12; 1 thread alike
+# (512x7 batch 1: 0.83/1.01 vs 1.49/3.17), except a few % slower forward on 64-128 x 14x14. At 392
+# positions (14x14, batch 2) it ties or loses (128x14 1.56/1.71 vs im2col 1.31/1.74; 512x14 1.05/1.25
+# vs winograd 0.85/1.06). Stride 2 is left out: 128x28 s2 (196 positions) forward reads 1.44-2.08
+# against im2col's 1.34-1.40.
+UNFOLD_MAX_POSITIONS = 256
+
 # shifted_gemm computes H_pad*W_pad "wide" output rows per image for H_out*W_out real ones, and its
 # per-tap GEMMs (K = C) run below the efficiency of im2col's one long-K GEMM; it only wins where
 # im2col's 9x patch copy is large relative to the work, i.e. big images with little padding waste.
@@ -77,7 +90,10 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
     """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto"."""
     if name == "unfold":
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
-        return macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS
+        if macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS:
+            return True
+        plain = spec.groups == 1 and spec.stride == (1, 1) and spec.dilation == (1, 1) and weight.shape[2] * weight.shape[3] > 1
+        return plain and input.shape[0] * out_height * out_width <= UNFOLD_MAX_POSITIONS
     if name == "winograd":
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS

@@ -62,17 +62,24 @@ def test_auto_on_cpu_never_refuses_the_grid():
 
 
 @pytest.mark.parametrize(
-    ("input_shape", "weight_shape", "groups", "expected"),
+    ("input_shape", "weight_shape", "groups", "stride", "expected"),
     [
-        ((2, 1, 3, 3), (2, 1, 3, 3), 1, "unfold"),  # the seed case: 324 MACs, per-call overhead is all
-        ((1, 8, 16, 16), (8, 8, 3, 3), 1, "unfold"),  # 147K MACs, under SMALL_MACS
-        ((4, 32, 28, 28), (32, 1, 3, 3), 32, "depthwise"),  # 0.9M MACs: unfold's grouped matmul would lose
-        ((4, 64, 32, 32), (64, 64, 3, 3), 1, "winograd"),  # 4.2M MACs per Winograd GEMM (WINOGRAD_MIN_GEMM_MACS)
+        ((2, 1, 3, 3), (2, 1, 3, 3), 1, 1, "unfold"),  # the seed case: 324 MACs, per-call overhead is all
+        ((1, 8, 16, 16), (8, 8, 3, 3), 1, 1, "unfold"),  # 147K MACs, under SMALL_MACS
+        ((4, 32, 28, 28), (32, 1, 3, 3), 32, 1, "depthwise"),  # 0.9M MACs: unfold's grouped matmul would lose
+        ((4, 64, 32, 32), (64, 64, 3, 3), 1, 1, "winograd"),  # 4.2M MACs per Winograd GEMM (WINOGRAD_MIN_GEMM_MACS)
+        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, "unfold"),  # 196 output positions (UNFOLD_MAX_POSITIONS)
+        ((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, "unfold"),  # 196 positions over 4 images
+        ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, "winograd"),  # 392 positions
+        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, "im2col"),  # 196 positions, but stride 2
+        ((1, 512, 14, 14), (512, 1, 3, 3), 512, 1, "depthwise"),  # few positions (0.9M MACs), but grouped
+        ((1, 256, 7, 7), (64, 256, 1, 1), 1, 1, "pointwise"),  # few positions, but 1x1
     ],
 )
-def test_auto_picks_unfold_only_for_small_problems(input_shape, weight_shape, groups, expected):
+def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape, weight_shape, groups, stride, expected):
     input, weight = torch.randn(input_shape), torch.randn(weight_shape)
-    spec = normalize(input, weight, None, 1, 1, 1, groups, "zeros")
+    padding = 1 if weight_shape[2] == 3 else 0
+    spec = normalize(input, weight, None, stride, padding, 1, groups, "zeros")
     assert choose(input, weight, spec).name == expected
 
 
