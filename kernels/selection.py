@@ -23,7 +23,7 @@ _PREFERENCE = {
 # 1x16x32x32 (2.4M) 460 / 1808 vs im2col 358 / 1704; depthwise 4x32x28x28 (0.9M) 3.6 ms vs 1.1 ms.
 SMALL_MACS = 1 << 18
 
-# unfold also takes plain stride-1 convs (groups 1, a kernel bigger than 1x1) with at most this many
+# unfold also takes plain convs (groups 1, dilation 1, a kernel bigger than 1x1) with at most this many
 # output positions per call (N*H_out*W_out: one 14x14 image, four 7x7 ones), whatever their size: there
 # im2col's per-tap scatter and winograd's per-position GEMMs have too few rows, while unfold's one
 # GEMM with K = C_in*kH*kW and F.fold stay efficient. Measured round 9 (2026-11-27, ours/nn.Conv2d fwd /
@@ -32,9 +32,12 @@ SMALL_MACS = 1 << 18
 # batch 2 of 7x7 (98 positions) 1.15/1.39 vs 1.50/2.07 and 0.99/1.25 vs 1.33/2.12; 1 thread alike
 # (512x7 batch 1: 0.83/1.01 vs 1.49/3.17), except a few % slower forward on 64-128 x 14x14. At 392
 # positions (14x14, batch 2) it ties or loses (128x14 1.56/1.71 vs im2col 1.31/1.74; 512x14 1.05/1.25
-# vs winograd 0.85/1.06). Stride 2 is left out: 128x28 s2 (196 positions) forward reads 1.44-2.08
-# against im2col's 1.34-1.40.
+# vs winograd 0.85/1.06). Strided convs up to UNFOLD_MAX_STRIDED_POSITIONS: 3x3 stride 2 onto 7x7 and
+# 8x8 (49-128 positions, 64-512 channels, batch 1 and 2, 1 and 2 threads) unfold wins all 20 cases
+# measured (512 at batch 1, 2 threads: 0.88/0.98 vs im2col 1.42/2.22; 64 at batch 2, 1 thread:
+# 1.50/1.36 vs 1.59/1.82); at 196 (28x28 -> 14x14 at batch 1) forward read 1.33-2.08 vs 1.33-1.40.
 UNFOLD_MAX_POSITIONS = 256
+UNFOLD_MAX_STRIDED_POSITIONS = 128
 
 # shifted_gemm computes H_pad*W_pad "wide" output rows per image for H_out*W_out real ones, and its
 # per-tap GEMMs (K = C) run below the efficiency of im2col's one long-K GEMM; it only wins where
@@ -92,8 +95,9 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         if macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS:
             return True
-        plain = spec.groups == 1 and spec.stride == (1, 1) and spec.dilation == (1, 1) and weight.shape[2] * weight.shape[3] > 1
-        return plain and input.shape[0] * out_height * out_width <= UNFOLD_MAX_POSITIONS
+        plain = spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[2] * weight.shape[3] > 1
+        limit = UNFOLD_MAX_POSITIONS if spec.stride == (1, 1) else UNFOLD_MAX_STRIDED_POSITIONS
+        return plain and input.shape[0] * out_height * out_width <= limit
     if name == "winograd":
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS

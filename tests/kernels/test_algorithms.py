@@ -71,7 +71,8 @@ def test_auto_on_cpu_never_refuses_the_grid():
         ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, "unfold"),  # 196 output positions (UNFOLD_MAX_POSITIONS)
         ((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, "unfold"),  # 196 positions over 4 images
         ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, "winograd"),  # 392 positions
-        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, "im2col"),  # 196 positions, but stride 2
+        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, "im2col"),  # 196 positions: too many for stride 2
+        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 2, "unfold"),  # 49 positions, stride 2 (UNFOLD_MAX_STRIDED_POSITIONS)
         ((1, 512, 14, 14), (512, 1, 3, 3), 512, 1, "depthwise"),  # few positions (0.9M MACs), but grouped
         ((1, 256, 7, 7), (64, 256, 1, 1), 1, 1, "pointwise"),  # few positions, but 1x1
     ],
