@@ -15,9 +15,11 @@ import torch
 
 import kernels
 from app import parity
+from app.codec import as_dtype
 from app.errors import InvalidField, TooLarge
 from app.problem import Problem
 from kernels.base import UnsupportedProblem, WorkTooLarge
+from kernels.memo import BoundedMemo
 from kernels.params import normalize
 from kernels.selection import resolve
 from kernels.tolerances import tolerance
@@ -64,14 +66,11 @@ def _chosen_algorithm(problem: Problem, device: torch.device) -> str:
     )
     name = _CHOSEN.get(key)
     if name is None:
-        if len(_CHOSEN) >= _CHOSEN_MAX:
-            _CHOSEN.clear()
-        name = _CHOSEN[key] = _resolve(problem, device)
+        name = _CHOSEN.remember(key, _resolve(problem, device))
     return name
 
 
-_CHOSEN: dict[tuple, str] = {}
-_CHOSEN_MAX = 1024
+_CHOSEN = BoundedMemo(1024)
 
 
 def _resolve(problem: Problem, device: torch.device) -> str:
@@ -99,26 +98,21 @@ def _conv_args(problem: Problem) -> tuple:
     return (options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
 
 
-def _on(tensor: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    """tensor on device in dtype; itself when it already is (a no-op `.to` still costs ~3 us)."""
-    if tensor is None or (tensor.dtype == dtype and tensor.device == device):
-        return tensor
-    return tensor.to(device=device, dtype=dtype)
-
-
 def _forward_pass(conv: Conv, problem: Problem, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    input, weight, bias = (_on(t, device, dtype) for t in (problem.input, problem.weight, problem.bias))
+    input, weight, bias = (as_dtype(t, dtype, device) for t in (problem.input, problem.weight, problem.bias))
     with torch.inference_mode():
         return conv(input, weight, bias, *_conv_args(problem))
 
 
 def _backward_pass(conv: Conv, problem: Problem, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
     """Gradients of the request's loss (or of <output, grad_output>) w.r.t. input, weight and bias."""
-    leaves = [None if t is None else _on(t, device, dtype).detach().requires_grad_() for t in (problem.input, problem.weight, problem.bias)]
+    leaves = [
+        None if t is None else as_dtype(t, dtype, device).detach().requires_grad_() for t in (problem.input, problem.weight, problem.bias)
+    ]
     with torch.enable_grad():
         output = conv(*leaves, *_conv_args(problem))
         if problem.grad_output is not None:
-            output.backward(_on(problem.grad_output, device, dtype))
+            output.backward(as_dtype(problem.grad_output, dtype, device))
         elif problem.options.loss == "mean_square":
             output.square().mean().backward()
         else:

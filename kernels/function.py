@@ -12,6 +12,7 @@ import torch
 from kernels import padding as padding_modes
 from kernels.base import ConvAlgorithm, get
 from kernels.limits import get_limits
+from kernels.memo import BoundedMemo
 from kernels.params import ConvSpec, IntPair, PaddingArg, call_key, normalize
 from kernels.selection import resolve
 
@@ -88,8 +89,7 @@ def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) 
 # (spec, algorithm, output memory format) by call: validation, "auto"'s choice and the format test read
 # only shapes, strides, dtypes, devices, the arguments, the thread count and the limits, and took ~45
 # us of a seed-sized conv's ~80 (a model's small layers pay it on every call). Errors are not cached.
-_PLANS: dict[tuple, tuple[ConvSpec, ConvAlgorithm, torch.memory_format]] = {}
-PLAN_CACHE_SIZE = 1024
+_PLANS = BoundedMemo(1024)
 
 
 def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm):
@@ -106,10 +106,7 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
         spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
         chosen = resolve(algorithm, batched, weight, spec)
         channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
-        plan = (spec, chosen, torch.channels_last if channels_last else torch.contiguous_format)
-        if len(_PLANS) >= PLAN_CACHE_SIZE:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        plan = _PLANS.remember(key, (spec, chosen, torch.channels_last if channels_last else torch.contiguous_format))
     return plan
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
+
 
 @pytest.fixture(scope="package", autouse=True)
 def single_thread():
@@ -16,5 +18,22 @@ def single_thread():
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_limits():
+    """kernels' limits as they were before the test, checked."""
+    saved = kernels.get_limits()
+    yield
+    kernels.set_limits(reference_max_macs=saved.reference_max_macs, im2col_workspace_bytes=saved.im2col_workspace_bytes)
+    assert kernels.get_limits() == saved
+
+
+@pytest.fixture
+def restore_threads():
+    """The intra-op thread count as it was before the test (tests that set it for `auto`'s thread rules)."""
+    threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -89,18 +89,14 @@ def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape,
     [(128, 1, 2, "shifted_gemm"), (128, 2, 2, "winograd"), (128, 1, 1, "winograd"), (64, 1, 1, "shifted_gemm")],
     ids=["3.2M_threaded", "6.4M_threaded", "3.2M_one_thread", "0.8M_one_thread"],
 )
-def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected):
+def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected, restore_threads):
     """3x3 on 28x28: 196 tiles per image x C x C MACs per position GEMM (128 channels at batch 1: 3.2M),
     against WINOGRAD_MIN_THREADED_GEMM_MACS (4M) from 2 threads and WINOGRAD_MIN_GEMM_MACS (2M) at 1;
     refused, the layer goes to shifted_gemm (28x28 is within MAX_SHIFTED_WASTE)."""
     input, weight = torch.empty(batch, channels, 28, 28), torch.empty(channels, channels, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        assert choose(input, weight, spec).name == expected
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)
+    assert choose(input, weight, spec).name == expected
 
 
 REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]
@@ -112,14 +108,6 @@ def test_refusal_is_a_clean_unsupported_problem(case, algorithm):
     with pytest.raises(kernels.UnsupportedProblem, match=algorithm) as error:
         our_conv(case, input, weight, bias, algorithm)
     assert str(error.value) == refusal(case, algorithm, torch.float32)
-
-
-@pytest.fixture
-def restore_limits():
-    saved = kernels.get_limits()
-    yield
-    kernels.set_limits(reference_max_macs=saved.reference_max_macs, im2col_workspace_bytes=saved.im2col_workspace_bytes)
-    assert kernels.get_limits() == saved
 
 
 BIG = Case("big", in_channels=64, out_channels=64, batch=8, size=(64, 64), padding=1)  # 8*64*64*64*64*9 ~ 1.2e9 MACs

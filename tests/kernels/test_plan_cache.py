@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.function import _plan
-from kernels.limits import get_limits, set_limits
 from tests.kernels.cases import assert_parity
 
 
@@ -60,27 +59,19 @@ def test_the_output_format_follows_the_input_strides(seed_tensors):
     assert_parity("output", output, F.conv2d(channels_last.double(), weight.double(), padding=1), torch.float32)
 
 
-def test_auto_follows_the_thread_count():
+def test_auto_follows_the_thread_count(restore_threads):
     """At 64 channels on 56x56, `auto` takes shifted_gemm from 2 threads and winograd below (kernels/selection.py)."""
     input, weight = torch.empty(1, 64, 56, 56), torch.empty(64, 64, 3, 3)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == "shifted_gemm"
-        torch.set_num_threads(1)
-        assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == "winograd"
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == "shifted_gemm"
+    torch.set_num_threads(1)
+    assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == "winograd"
 
 
-def test_a_named_algorithm_follows_the_limits():
+def test_a_named_algorithm_follows_the_limits(restore_limits):
     """'reference' refuses work over reference_max_macs: lowering the limit after a cached call refuses it."""
     input, weight = torch.empty(1, 4, 8, 8), torch.empty(4, 4, 3, 3)  # 9,216 MACs
-    saved = get_limits()
-    try:
+    _plan(input, weight, None, 1, 1, 1, 1, "zeros", "reference")
+    kernels.set_limits(reference_max_macs=1_000)
+    with pytest.raises(kernels.WorkTooLarge):
         _plan(input, weight, None, 1, 1, 1, 1, "zeros", "reference")
-        set_limits(reference_max_macs=1_000)
-        with pytest.raises(kernels.WorkTooLarge):
-            _plan(input, weight, None, 1, 1, 1, 1, "zeros", "reference")
-    finally:
-        set_limits(reference_max_macs=saved.reference_max_macs, im2col_workspace_bytes=saved.im2col_workspace_bytes)
