@@ -19,6 +19,7 @@ from app.codec import encode_tensor
 from app.config import Settings
 from app.deps import app_state, check_api_key, read_body
 from app.problem import Problem
+from app.responses import PartsResponse
 from app.worker import ClientGone, DeviceWorker
 
 # Nginx's code for "client closed the request": logged and counted, never seen by a client.
@@ -33,9 +34,9 @@ def default_device(settings: Settings, workers: dict[str, DeviceWorker]) -> str:
     return "cuda:0" if settings.device == "cuda" else settings.device
 
 
-def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, float], arrived: float) -> bytes:
+def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, float], arrived: float) -> list[memoryview]:
     """Tensors first, then the report; the tensors are serialised before `encode` and `total` are known,
-    so the two JSON objects are built separately and joined."""
+    so the two JSON objects are built separately and sent as parts of one object (no joined copy)."""
     start = time.perf_counter()
     encoding = problem.options.encoding
     tensors = {name: None if value is None else encode_tensor(value, encoding) for name, value in outcome.tensors.items()}
@@ -49,7 +50,7 @@ def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, flo
         "parity": outcome.parity,
         "timing_ms": timing_ms,
     }
-    return b"".join((memoryview(tensor_json)[:-1], b",", memoryview(orjson.dumps(report))[1:]))  # one copy of megabytes
+    return [memoryview(tensor_json)[:-1], memoryview(b","), memoryview(orjson.dumps(report))[1:]]
 
 
 async def run_problem(
@@ -107,8 +108,8 @@ async def serve_conv(request: Request, backward: bool) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
     if elements <= INLINE_ENCODE_ELEMENTS:
-        content = _encode(outcome, problem, timing_ms, arrived)
+        parts = _encode(outcome, problem, timing_ms, arrived)
     else:
-        content = await run_in_threadpool(_encode, outcome, problem, timing_ms, arrived)
+        parts = await run_in_threadpool(_encode, outcome, problem, timing_ms, arrived)
     metrics.observe_stages(timing_ms)
-    return Response(content=content, media_type="application/json")
+    return PartsResponse(parts, media_type="application/json")

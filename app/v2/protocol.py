@@ -218,7 +218,7 @@ def check_shapes(model: Model, request: V2Request, problem: Problem) -> None:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy (the response joins them once)."""
+    """The tensor's bytes without a copy (sent as they are)."""
     tensor = tensor.detach().cpu().contiguous()
     # numpy has no bfloat16: its bits go out as int16, little-endian like the rest.
     return memoryview((tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()).cast("B")
@@ -249,21 +249,31 @@ def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str,
     return parameters
 
 
-def encode_response(
-    model: Model, request: V2Request, outcome: Outcome, problem: Problem, timing_ms: dict[str, float]
-) -> tuple[bytes, int | None]:
-    """-> (body, JSON header length when a binary section follows, else None)."""
+def _outputs(model: Model, request: V2Request, outcome: Outcome) -> dict[str, tuple[torch.Tensor, bool]]:
+    """The outputs to send, in order: V2 name -> (tensor, as binary data?)."""
     available = {name: outcome.tensors.get(field_name) for name, field_name in model.outputs.items()}
     wanted = (
         request.outputs
         if request.outputs is not None
         else {name: request.binary_default for name, value in available.items() if value is not None}
     )
+    return {name: (available[name], binary) for name, binary in wanted.items() if available[name] is not None}
+
+
+def text_elements(model: Model, request: V2Request, outcome: Outcome) -> int:
+    """How many elements encoding writes as JSON numbers (binary outputs cost no encoding time)."""
+    return sum(tensor.numel() for tensor, binary in _outputs(model, request, outcome).values() if not binary)
+
+
+def encode_response(
+    model: Model, request: V2Request, outcome: Outcome, problem: Problem, timing_ms: dict[str, float]
+) -> tuple[list[bytes | memoryview], int | None]:
+    """-> (the body's parts in order, JSON header length when a binary section follows, else None).
+
+    The parts are the JSON header, then each binary output's own memory: sent one after another
+    (app/responses.PartsResponse), never joined into a copy."""
     outputs, chunks = [], []
-    for name, binary in wanted.items():
-        tensor = available[name]
-        if tensor is None:
-            continue
+    for name, (tensor, binary) in _outputs(model, request, outcome).items():
         entry: dict[str, Any] = {"name": name, "datatype": DATATYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
         if binary:
             chunk = _raw_bytes(tensor)
@@ -278,6 +288,4 @@ def encode_response(
     header["parameters"] = response_parameters(outcome, problem, timing_ms)
     header["outputs"] = outputs
     json_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return json_bytes, None
-    return b"".join([json_bytes, *chunks]), len(json_bytes)
+    return [json_bytes, *chunks], len(json_bytes) if chunks else None

@@ -17,9 +17,10 @@ from app.deps import read_body
 from app.metrics import Metrics
 from app.parsing import INLINE_MAX_BYTES
 from app.problem import Problem, parse_problem
+from app.responses import PartsResponse
 from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, run_problem
 from app.v2.models import Model
-from app.v2.protocol import V2Request, check_shapes, decode_request, encode_response, split_body
+from app.v2.protocol import V2Request, check_shapes, decode_request, encode_response, split_body, text_elements
 from app.worker import ClientGone, DeviceWorker
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -64,12 +65,12 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     metrics.observe_stages(timing_ms)
     # Unlike the native responses, "total" stops before encoding: the figures are part of what is encoded.
     timing_ms["total"] = (time.perf_counter() - arrived) * 1e3
-    elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
     encode_args = (model, v2_request, outcome, problem, timing_ms)
-    if elements <= INLINE_ENCODE_ELEMENTS:
-        content, header_length = encode_response(*encode_args)
+    # Binary outputs are sent from the tensors' memory: only JSON numbers make encoding worth a thread.
+    if text_elements(model, v2_request, outcome) <= INLINE_ENCODE_ELEMENTS:
+        parts, header_length = encode_response(*encode_args)
     else:
-        content, header_length = await run_in_threadpool(encode_response, *encode_args)
+        parts, header_length = await run_in_threadpool(encode_response, *encode_args)
     if header_length is None:
-        return Response(content=content, media_type="application/json")
-    return Response(content=content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+        return PartsResponse(parts, media_type="application/json")
+    return PartsResponse(parts, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

@@ -223,6 +223,20 @@ async def test_base64_survives_the_wire_bit_for_bit(plain) -> None:
     assert base64.b64decode(result["output"]["b64"]) == x.numpy().tobytes()
 
 
+async def test_a_large_response_arrives_whole(plain) -> None:
+    """A response over app/responses.JOIN_MAX_BYTES is sent in parts (tensor JSON, then the report): over a
+    real socket it must still be one JSON object of the declared length, the tensor bit for bit."""
+    x = torch.randn(1, 1, 96, 96, dtype=torch.float64)  # 72 KiB raw, ~98 KiB of base64
+    body = {"input": to_json(x, "base64"), "weight": to_json(torch.ones(1, 1, 1, 1, dtype=torch.float64), "base64"), "encoding": "base64"}
+    async with httpx.AsyncClient(base_url=plain.url, timeout=60) as client:
+        response = await client.post("/forward", json=body)
+    assert response.status_code == 200, response.text
+    assert int(response.headers["content-length"]) == len(response.content) > 96 * 1024
+    result = orjson.loads(response.content)
+    assert base64.b64decode(result["output"]["b64"]) == x.numpy().tobytes()
+    assert result["parity"]["ok"] and set(result["timing_ms"]) >= {"decode", "compute", "encode", "total"}
+
+
 async def test_zz_no_server_error_was_ever_answered(servers) -> None:
     """Runs last in this module: no request above got a 5xx other than the documented 503 / 504 / 507."""
     for server in servers.values():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.tolerances import tolerance
 from tests.v2.servers import API_KEY, MAX_BODY_BYTES, MAX_TENSOR_ELEMENTS
 
 HEADER = "Inference-Header-Content-Length"
@@ -123,6 +124,45 @@ def test_binary_inputs_at_any_offset(open_server, misalign: int) -> None:
     result, binary = _split(response)
     output = torch.from_numpy(np.frombuffer(binary, dtype="<f4").copy()).reshape(result["outputs"][0]["shape"])
     torch.testing.assert_close(output, F.conv2d(x, w, b, padding=1), atol=1e-5, rtol=1e-4)
+
+
+def test_large_binary_outputs_arrive_whole_and_in_order(open_server) -> None:
+    """Binary outputs are sent from the tensors' own memory, one part each after the JSON header: two of them,
+    one over 64 KiB, with a JSON output between, must arrive as declared (lengths, order, values)."""
+    generator = torch.Generator().manual_seed(6)
+    x, w, b = (
+        torch.randn(1, 4, 96, 96, generator=generator, dtype=torch.float64),
+        torch.randn(8, 4, 3, 3, generator=generator, dtype=torch.float64),
+        torch.randn(8, generator=generator, dtype=torch.float64),
+    )
+    grad_output = torch.randn(1, 8, 96, 96, generator=generator, dtype=torch.float64)
+    tensors = {"INPUT": x, "WEIGHT": w, "BIAS": b, "GRAD_OUTPUT": grad_output}
+    inputs = [
+        {"name": name, "shape": list(t.shape), "datatype": "FP64", "parameters": {"binary_data_size": t.numel() * 8}}
+        for name, t in tensors.items()
+    ]
+    outputs = [
+        {"name": "GRAD_INPUT", "parameters": {"binary_data": True}},
+        {"name": "GRAD_BIAS", "parameters": {"binary_data": False}},
+        {"name": "GRAD_WEIGHT", "parameters": {"binary_data": True}},
+    ]
+    header = json.dumps({"inputs": inputs, "outputs": outputs, "parameters": {"padding": 1}}).encode()
+    content = header + b"".join(t.numpy().tobytes() for t in tensors.values())
+    response = _post(open_server.url, "/v2/models/conv2d_backward/infer", content, {HEADER: str(len(header))})
+    assert response.status_code == 200, response.text
+    assert int(response.headers["content-length"]) == len(response.content)
+    result, binary = _split(response)
+    input_entry, bias_entry, weight_entry = result["outputs"]
+    sizes = [input_entry["parameters"]["binary_data_size"], weight_entry["parameters"]["binary_data_size"]]
+    assert sizes == [x.numel() * 8, w.numel() * 8] and len(binary) == sum(sizes) and sizes[0] > 64 * 1024
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    F.conv2d(*leaves, padding=1).backward(grad_output)
+    atol, rtol = tolerance(torch.float64)
+    received = {"GRAD_INPUT": binary[: sizes[0]], "GRAD_WEIGHT": binary[sizes[0] :]}
+    for (name, raw), expected in zip(received.items(), (leaves[0].grad, leaves[1].grad)):
+        actual = torch.from_numpy(np.frombuffer(raw, dtype="<f8").copy()).reshape(expected.shape)
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=name)
+    torch.testing.assert_close(torch.tensor(bias_entry["data"], dtype=torch.float64), leaves[2].grad, atol=atol, rtol=rtol)
 
 
 def test_binary_bf16_is_raw_little_endian(open_server) -> None:
