@@ -19,7 +19,7 @@ from app.codec import encode_tensor
 from app.config import Settings
 from app.deps import app_state, check_api_key, read_body
 from app.problem import Problem
-from app.responses import PartsResponse
+from app.responses import Buffer, PartsResponse
 from app.worker import ClientGone, DeviceWorker
 
 # Nginx's code for "client closed the request": logged and counted, never seen by a client.
@@ -34,7 +34,7 @@ def default_device(settings: Settings, workers: dict[str, DeviceWorker]) -> str:
     return "cuda:0" if settings.device == "cuda" else settings.device
 
 
-def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, float], arrived: float) -> list[memoryview]:
+def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, float], arrived: float) -> list[Buffer]:
     """Tensors first, then the report; the tensors are serialised before `encode` and `total` are known,
     so the two JSON objects are built separately and sent as parts of one object (no joined copy)."""
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def _encode(outcome: compute.Outcome, problem: Problem, timing_ms: dict[str, flo
         "parity": outcome.parity,
         "timing_ms": timing_ms,
     }
-    return [memoryview(tensor_json)[:-1], memoryview(b","), memoryview(orjson.dumps(report))[1:]]
+    return [memoryview(tensor_json)[:-1], b",", memoryview(orjson.dumps(report))[1:]]
 
 
 async def run_problem(

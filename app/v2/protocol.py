@@ -28,6 +28,7 @@ import torch
 from app.codec import DTYPE_NAMES, encode_tensor
 from app.compute import Outcome
 from app.problem import Problem
+from app.responses import Buffer
 from app.v2.errors import ProtocolError
 from app.v2.models import DATATYPE_NAMES, DATATYPES, VERSION, Model
 
@@ -267,7 +268,7 @@ def text_elements(model: Model, request: V2Request, outcome: Outcome) -> int:
 
 def encode_response(
     model: Model, request: V2Request, outcome: Outcome, problem: Problem, timing_ms: dict[str, float]
-) -> tuple[list[bytes | memoryview], int | None]:
+) -> tuple[list[Buffer], int | None]:
     """-> (the body's parts in order, JSON header length when a binary section follows, else None).
 
     The parts are the JSON header, then each binary output's own memory: sent one after another
