@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     reference_max_macs: int = Field(
         50_000_000, ge=1, description='MAC limit of algorithm "reference", the slow ground-truth loop (413 above).'
     )
-    workspace_bytes: int = Field(256 * MiB, ge=MiB, description="Cap on im2col's patch buffer; larger problems are computed in chunks.")
+    workspace_bytes: int = Field(
+        256 * MiB,
+        ge=MiB,
+        description="Cap on im2col's patch buffer (larger problems are computed in chunks) and on depthwise's stacked copies "
+        "(larger problems take its general path, which copies nothing).",
+    )
     inline_macs: int = Field(
         1 << 18,
         ge=0,

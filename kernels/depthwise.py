@@ -37,6 +37,7 @@ from functools import lru_cache
 import torch
 
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.limits import get_limits
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 from kernels.workspace import scratch
@@ -130,6 +131,26 @@ def _pad_for(offsets: list[int], source_length: int, out_length: int) -> int:
     return max([0, *(max(-offset, offset + out_length - source_length) for offset in offsets)])
 
 
+def _side_layout(taps: list[tuple[int, int, int]], source_length: int, out_length: int) -> tuple[tuple[int, ...], int]:
+    """(column shifts that need a masked copy, zeros after each plane) for taps (t, offset, column shift)."""
+    side = tuple(sorted({col_shift for _, _, col_shift in taps if col_shift}))
+    return side, _pad_for([offset for _, offset, col_shift in taps if col_shift], source_length, out_length) if side else 0
+
+
+def _stack_bytes(blocks: int, planes: int, length: int, pad: int, element_size: int) -> int:
+    """Size of a `_Stack` of `blocks` copies of `planes` planes of `length` values with `pad` zeros after each."""
+    return (blocks * planes * (length + pad) + pad) * element_size
+
+
+def _fits_workspace(nbytes: int) -> bool:
+    """Whether a stack of nbytes stays under the workspace limit (CONV_WORKSPACE_BYTES in the service).
+
+    The zeros after each plane grow with the vertical padding, and the copies with the kernel's width:
+    a request with a very tall padding or a very wide kernel takes the general path, which copies nothing.
+    """
+    return nbytes <= get_limits().im2col_workspace_bytes
+
+
 class _Stack:
     """Masked copies of a (N, C, L) source, one block per column shift, each plane followed by `pad` zeros.
 
@@ -182,7 +203,7 @@ def _accumulate(flat: torch.Tensor, terms: list[tuple[int, torch.Tensor, torch.T
 
 
 def _shifted_terms(
-    source: torch.Tensor, height: int, width: int, taps: list[tuple[int, int, int]], out_length: int, scales, slot: str
+    source: torch.Tensor, height: int, width: int, taps: list[tuple[int, int, int]], out_length: int, scales, slot: str, layout
 ) -> list[tuple[int, torch.Tensor, torch.Tensor, tuple[int, int] | None]]:
     """(tap, source view, scale, output span) terms for out[p] = sum over taps of scale * source[p + offset].
 
@@ -191,9 +212,8 @@ def _shifted_terms(
     the centre column's taps read the source itself, restricted to the outputs whose reads stay inside.
     """
     length = source.shape[2]
-    side = tuple(sorted({col_shift for _, _, col_shift in taps if col_shift}))
+    side, pad = layout  # from _side_layout
     if side:
-        pad = _pad_for([offset for _, offset, col_shift in taps if col_shift], length, out_length)
         stack = _Stack(source, height, width, side, pad, slot)
     terms = []
     for t, offset, col_shift in taps:
@@ -207,17 +227,21 @@ def _shifted_terms(
     return terms
 
 
-def _flat_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
-    """input (N, C, H, W) contiguous -> (N, C, H_out, W)."""
+def _flat_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor | None:
+    """input (N, C, H, W) contiguous -> (N, C, H_out, W); None when the stack would not fit the workspace."""
     batch, channels, height, width = input.shape
     kernel = tuple(weight.shape[2:])
     out_height = spec.output_size(height, width, *kernel)[0]
+    in_length, out_length = height * width, out_height * width
     taps = [(t, row_shift * width + col_shift, col_shift) for t, row_shift, col_shift in _flat_taps(spec, kernel, width)]
+    layout = _side_layout(taps, in_length, out_length)
+    if not _fits_workspace(_stack_bytes(len(layout[0]), batch * channels, in_length, layout[1], input.element_size())):
+        return None
     scales = weight.reshape(channels, -1, 1).unbind(1)  # (C, 1) per tap
-    flat_input = input.view(batch, channels, height * width)
     output = input.new_empty(batch, channels, out_height, width)
-    flat = output.view(batch, channels, out_height * width)
-    _accumulate(flat, _shifted_terms(flat_input, height, width, taps, flat.shape[2], scales, "depthwise_input"))
+    flat = output.view(batch, channels, out_length)
+    terms = _shifted_terms(input.view(batch, channels, in_length), height, width, taps, out_length, scales, "depthwise_input", layout)
+    _accumulate(flat, terms)
     if bias is not None:
         # After the taps: torch.addcmul(bias, window, scale, out=...) with three broadcast operands
         # ran ~4x slower than a plain multiply (158 vs 36 us on dw 96x28 at batch 4).
@@ -225,7 +249,7 @@ def _flat_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return output
 
 
-# Backward problems whose kH*kW products of grad and input fit in this many bytes take the
+# Backward problems whose kH*kW products of grad and input (and whose stack) fit in this many bytes take the
 # one-view path (`_one_view_backward`: ~6 ops in all, where the op count is the cost); bigger ones
 # the per-tap path, whose passes stay in cache and which needs no copy of the centre column. Measured
 # (1 thread, CPU time): one view 0.63-0.67x the per-tap grad_weight on 96x28 at batch 1 (2.7 MB of
@@ -234,23 +258,29 @@ ONE_VIEW_MAX_BYTES = 4 << 20
 
 
 def _flat_backward(grad_output, input, weight, spec, need_input, need_weight):
-    """(grad_input, grad_weight) for the flat path; grad_output (N, C, H_out, W) contiguous.
+    """(grad_input, grad_weight) for the flat path, or None when its stack would not fit the workspace.
 
-    Tap (i, j) moved input q to output q - o (o its flat offset), so grad_input[q] sums weight[i, j] *
-    grad[q - o] and grad_weight[i, j] sums input[q] * grad[q - o]: the same reads of grad_output
-    (masked for the shift -s where a read would wrap) serve both.
+    grad_output (N, C, H_out, W) contiguous. Tap (i, j) moved input q to output q - o (o its flat
+    offset), so grad_input[q] sums weight[i, j] * grad[q - o] and grad_weight[i, j] sums input[q] *
+    grad[q - o]: the same reads of grad_output (masked for the shift -s where a read would wrap) serve both.
     """
     batch, channels, height, width = input.shape
     kernel_h, kernel_w = weight.shape[2:]
-    if kernel_h * kernel_w * input.numel() * input.element_size() <= ONE_VIEW_MAX_BYTES:
-        return _one_view_backward(grad_output, input, weight, spec, need_input, need_weight)
-    in_length = height * width
-    flipped = [
-        (t, -(row_shift * width + col_shift), -col_shift) for t, row_shift, col_shift in _flat_taps(spec, (kernel_h, kernel_w), width)
-    ]
-    flat_grad = grad_output.view(batch, channels, -1)
+    (dil_h, dil_w), (top, _, left, _) = spec.dilation, spec.padding
+    planes, out_length, in_length, element_size = batch * channels, grad_output.shape[2] * width, height * width, input.element_size()
+    offsets = [(i * dil_h - top) * width + j * dil_w - left for i in range(kernel_h) for j in range(kernel_w)]
+    pad = _pad_for([-offset for offset in offsets], out_length, in_length)
+    small = kernel_h * kernel_w * planes * in_length * element_size <= ONE_VIEW_MAX_BYTES
+    if small and _stack_bytes(kernel_w, planes, out_length, pad, element_size) <= ONE_VIEW_MAX_BYTES:
+        return _one_view_backward(grad_output, input, weight, spec, need_input, need_weight, pad)
+    taps = _flat_taps(spec, (kernel_h, kernel_w), width)
+    flipped = [(t, -(row_shift * width + col_shift), -col_shift) for t, row_shift, col_shift in taps]
+    layout = _side_layout(flipped, out_length, in_length)
+    if not _fits_workspace(_stack_bytes(len(layout[0]), planes, out_length, layout[1], element_size)):
+        return None
     scales = weight.reshape(channels, -1, 1).unbind(1)
-    terms = _shifted_terms(flat_grad, grad_output.shape[2], width, flipped, in_length, scales, "depthwise_grad")
+    flat_grad = grad_output.view(batch, channels, out_length)
+    terms = _shifted_terms(flat_grad, grad_output.shape[2], width, flipped, in_length, scales, "depthwise_grad", layout)
     grad_input = grad_weight = None
     if need_input:
         grad_input = input.new_empty(input.shape)
@@ -269,7 +299,7 @@ def _flat_backward(grad_output, input, weight, spec, need_input, need_weight):
     return grad_input, grad_weight
 
 
-def _one_view_backward(grad_output, input, weight, spec, need_input, need_weight):
+def _one_view_backward(grad_output, input, weight, spec, need_input, need_weight, pad):
     """The flat backward for small problems: one stack of grad_output with a block per kernel column.
 
     Block j is grad masked for the shift -s_j; tap (i, j)'s reads are block j at offset -o over whole
@@ -280,8 +310,6 @@ def _one_view_backward(grad_output, input, weight, spec, need_input, need_weight
     kernel_h, kernel_w = kernel = tuple(weight.shape[2:])
     (dil_h, dil_w), (top, _, left, _) = spec.dilation, spec.padding
     out_length, in_length = grad_output.shape[2] * width, height * width
-    offsets = [(i * dil_h - top) * width + j * dil_w - left for i in range(kernel_h) for j in range(kernel_w)]
-    pad = _pad_for([-offset for offset in offsets], out_length, in_length)
     shifts = tuple(left - j * dil_w for j in range(kernel_w))
     stack = _Stack(grad_output.view(batch, channels, out_length), grad_output.shape[2], width, shifts, pad, "depthwise_grad")
     base = stack.buffer.storage_offset() + pad + (top - (kernel_h - 1) * dil_h) * width + left  # (i = kH-1, j = 0, q = 0)
@@ -325,7 +353,9 @@ class Depthwise(ConvAlgorithm):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
         if _flat_eligible(input, weight, spec):
-            return _flat_forward(input, weight, bias, spec)
+            output = _flat_forward(input, weight, bias, spec)
+            if output is not None:
+                return output
         channels, multiplier = input.shape[1], weight.shape[0] // input.shape[1]
         kernel = tuple(weight.shape[2:])
         in_hw = tuple(input.shape[2:])
@@ -360,7 +390,9 @@ class Depthwise(ConvAlgorithm):
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         if _flat_eligible(input, weight, spec):
-            return _flat_backward(grad_output.contiguous(), input, weight, spec, need_input, need_weight)
+            grads = _flat_backward(grad_output.contiguous(), input, weight, spec, need_input, need_weight)
+            if grads is not None:
+                return grads
         channels, multiplier = input.shape[1], weight.shape[0] // input.shape[1]
         kernel = tuple(weight.shape[2:])
         in_hw, out_hw = tuple(input.shape[2:]), tuple(grad_output.shape[2:])

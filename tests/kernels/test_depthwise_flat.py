@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from kernels import depthwise, workspace
 from kernels.params import normalize
-from tests.kernels.cases import Case, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+from tests.kernels.cases import GRAD_NAMES, Case, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
 
 
 def flat_case(name: str, channels: int = 3, **kwargs) -> Case:
@@ -86,3 +87,26 @@ def test_stale_scratch_contents_do_not_leak(dtype, backward_strategy):
         ("grad_input", "grad_weight", "grad_bias"), grads(output, grad_output.to(dtype), [input, weight, bias]), expected
     ):
         assert_parity(name, actual, wanted, dtype)
+
+
+@pytest.mark.parametrize("case", [FLAT_CASES[0], FLAT_CASES[4]], ids=lambda case: case.id)
+def test_a_stack_over_the_workspace_limit_takes_the_general_path(case, restore_limits, monkeypatch):
+    """The stack grows with the vertical padding and the kernel's width; past the workspace limit
+    (CONV_WORKSPACE_BYTES) the flat path steps aside for the general one, which copies nothing."""
+    monkeypatch.setattr(depthwise, "ONE_VIEW_MAX_BYTES", 0)
+    kernels.set_limits(im2col_workspace_bytes=64)
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=13)
+    spec = normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
+    with torch.no_grad():
+        assert depthwise._flat_forward(input, weight, bias, spec) is None
+        grad = torch.ones(spec.output_size(*input.shape[2:], *weight.shape[2:]), dtype=input.dtype).expand(
+            input.shape[0], input.shape[1], -1, -1
+        )
+        assert depthwise._flat_backward(grad.contiguous(), input, weight, spec, True, True) is None
+    output = our_conv(case, input, weight, bias, "depthwise")
+    exact_leaves = [leaf.detach().requires_grad_(True) for leaf in (input, weight, bias)]
+    exact = torch_conv(case, *exact_leaves)
+    assert_parity("output", output, exact, torch.float64)
+    grad_output = torch.randn(exact.shape, generator=seeded(14), dtype=torch.float64)
+    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output, [input, weight, bias]), grads(exact, grad_output, exact_leaves)):
+        assert_parity(name, actual, wanted, torch.float64)
