@@ -111,12 +111,22 @@ def _flat_taps(spec: ConvSpec, kernel: tuple[int, int], width: int) -> list[tupl
     return taps
 
 
-@lru_cache(maxsize=64)
+# Masks up to this many elements are kept (64 of them at most): a few KB for the usual layers, while
+# a wide kernel on a big image, whose masks can reach the workspace limit, builds them per call.
+MASK_CACHE_MAX_ELEMENTS = 1 << 16
+
+
 def _column_masks(height: int, width: int, col_shifts: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(len(col_shifts), 1, 1, H*W): ones, with zeros on the columns a read shifted by s wraps onto.
 
     Those are [W+s, W) for s < 0 and [0, s) for s > 0: all of them once |s| >= W.
     """
+    if len(col_shifts) * height * width <= MASK_CACHE_MAX_ELEMENTS:
+        return _cached_masks(height, width, col_shifts, dtype, device)
+    return _build_masks(height, width, col_shifts, dtype, device)
+
+
+def _build_masks(height: int, width: int, col_shifts: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     masks = torch.ones(len(col_shifts), height, width, dtype=dtype, device=device)
     for mask, col_shift in zip(masks, col_shifts):
         if col_shift < 0:
@@ -124,6 +134,9 @@ def _column_masks(height: int, width: int, col_shifts: tuple[int, ...], dtype: t
         elif col_shift > 0:
             mask[:, :col_shift] = 0
     return masks.view(len(col_shifts), 1, 1, height * width)
+
+
+_cached_masks = lru_cache(maxsize=64)(_build_masks)
 
 
 def _pad_for(offsets: list[int], source_length: int, out_length: int) -> int:

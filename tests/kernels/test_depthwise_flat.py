@@ -110,3 +110,14 @@ def test_a_stack_over_the_workspace_limit_takes_the_general_path(case, restore_l
     grad_output = torch.randn(exact.shape, generator=seeded(14), dtype=torch.float64)
     for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output, [input, weight, bias]), grads(exact, grad_output, exact_leaves)):
         assert_parity(name, actual, wanted, torch.float64)
+
+
+def test_big_masks_are_built_per_call_not_kept(monkeypatch):
+    """Masks past MASK_CACHE_MAX_ELEMENTS are not cached (a wide kernel on a big image could pin hundreds of MB)."""
+    monkeypatch.setattr(depthwise, "MASK_CACHE_MAX_ELEMENTS", 0)
+    depthwise._cached_masks.cache_clear()
+    case = FLAT_CASES[0]
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=15)
+    output = our_conv(case, input, weight, bias, "depthwise")
+    assert depthwise._cached_masks.cache_info().currsize == 0
+    assert_parity("output", output, torch_conv(case, *(leaf.detach() for leaf in (input, weight, bias))), torch.float64)
