@@ -266,7 +266,7 @@ def _flat_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # one-view path (`_one_view_backward`: ~6 ops in all, where the op count is the cost); bigger ones
 # the per-tap path, whose passes stay in cache and which needs no copy of the centre column. Measured
 # (1 thread, CPU time): one view 0.63-0.67x the per-tap grad_weight on 96x28 at batch 1 (2.7 MB of
-# products), 1.04-1.19x on 96x28 at batch 4, 144x56 and 32x112 (11-16 MB) even in 4 MiB chunks.
+# products), 1.03-1.19x on 96x28 at batch 4, 144x56 and 32x112 (11-16 MB) even in 4 MiB chunks.
 ONE_VIEW_MAX_BYTES = 4 << 20
 
 
