@@ -150,9 +150,13 @@ def _side_layout(taps: list[tuple[int, int, int]], source_length: int, out_lengt
     return side, _pad_for([offset for _, offset, col_shift in taps if col_shift], source_length, out_length) if side else 0
 
 
+def _stack_numel(blocks: int, planes: int, length: int, pad: int) -> int:
+    """Elements of a `_Stack`: `blocks` copies of `planes` planes of `length` values, `pad` zeros first and after each plane."""
+    return blocks * planes * (length + pad) + pad
+
+
 def _stack_bytes(blocks: int, planes: int, length: int, pad: int, element_size: int) -> int:
-    """Size of a `_Stack` of `blocks` copies of `planes` planes of `length` values with `pad` zeros after each."""
-    return (blocks * planes * (length + pad) + pad) * element_size
+    return _stack_numel(blocks, planes, length, pad) * element_size
 
 
 def _fits_workspace(nbytes: int) -> bool:
@@ -177,7 +181,7 @@ class _Stack:
         self.shape, self.pad, self.pitch = (batch, channels), pad, length + pad
         self.block = batch * channels * self.pitch
         planes = len(col_shifts) * batch * channels
-        self.buffer = scratch(slot, planes * self.pitch + pad, source)
+        self.buffer = scratch(slot, _stack_numel(len(col_shifts), batch * channels, length, pad), source)
         start = self.buffer.storage_offset()
         if pad:
             self.buffer.as_strided((planes + 1, pad), (self.pitch, 1), start).zero_()
@@ -247,8 +251,8 @@ def _flat_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     out_height = spec.output_size(height, width, *kernel)[0]
     in_length, out_length = height * width, out_height * width
     taps = [(t, row_shift * width + col_shift, col_shift) for t, row_shift, col_shift in _flat_taps(spec, kernel, width)]
-    layout = _side_layout(taps, in_length, out_length)
-    if not _fits_workspace(_stack_bytes(len(layout[0]), batch * channels, in_length, layout[1], input.element_size())):
+    layout = side, pad = _side_layout(taps, in_length, out_length)
+    if not _fits_workspace(_stack_bytes(len(side), batch * channels, in_length, pad, input.element_size())):
         return None
     scales = weight.reshape(channels, -1, 1).unbind(1)  # (C, 1) per tap
     output = input.new_empty(batch, channels, out_height, width)
@@ -281,15 +285,15 @@ def _flat_backward(grad_output, input, weight, spec, need_input, need_weight):
     kernel_h, kernel_w = weight.shape[2:]
     (dil_h, dil_w), (top, _, left, _) = spec.dilation, spec.padding
     planes, out_length, in_length, element_size = batch * channels, grad_output.shape[2] * width, height * width, input.element_size()
-    offsets = [(i * dil_h - top) * width + j * dil_w - left for i in range(kernel_h) for j in range(kernel_w)]
-    pad = _pad_for([-offset for offset in offsets], out_length, in_length)
-    small = kernel_h * kernel_w * planes * in_length * element_size <= ONE_VIEW_MAX_BYTES
-    if small and _stack_bytes(kernel_w, planes, out_length, pad, element_size) <= ONE_VIEW_MAX_BYTES:
-        return _one_view_backward(grad_output, input, weight, spec, need_input, need_weight, pad)
+    if kernel_h * kernel_w * planes * in_length * element_size <= ONE_VIEW_MAX_BYTES:
+        offsets = [(i * dil_h - top) * width + j * dil_w - left for i in range(kernel_h) for j in range(kernel_w)]
+        pad = _pad_for([-offset for offset in offsets], out_length, in_length)
+        if _stack_bytes(kernel_w, planes, out_length, pad, element_size) <= ONE_VIEW_MAX_BYTES:
+            return _one_view_backward(grad_output, input, weight, spec, need_input, need_weight, pad)
     taps = _flat_taps(spec, (kernel_h, kernel_w), width)
     flipped = [(t, -(row_shift * width + col_shift), -col_shift) for t, row_shift, col_shift in taps]
-    layout = _side_layout(flipped, out_length, in_length)
-    if not _fits_workspace(_stack_bytes(len(layout[0]), planes, out_length, layout[1], element_size)):
+    layout = side, side_pad = _side_layout(flipped, out_length, in_length)
+    if not _fits_workspace(_stack_bytes(len(side), planes, out_length, side_pad, element_size)):
         return None
     scales = weight.reshape(channels, -1, 1).unbind(1)
     flat_grad = grad_output.view(batch, channels, out_length)
