@@ -109,11 +109,18 @@ def _blame(message: str) -> str:
     return "weight"
 
 
+# The zero-padded input may have this many times CONV_MAX_TENSOR_ELEMENTS: the algorithms and the
+# parity oracle (for non-zero padding modes) build it, and padding is not counted in MACs, so a 1 MB
+# request (1x64x64x64, a 3x3 kernel dilated 2000, padding 2000) took the server to 4.4 GB. Twice the
+# limit leaves any input at the limit room for ordinary padding.
+PADDED_INPUT_FACTOR = 2
+
+
 def _output_shape(
     options: ForwardOptions, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[tuple[int, ...], ForwardOptions]:
-    """Validate the conv arguments with kernels' rules; -> the output's shape, and the
-    options with the stride clamped to the span the kernel can move over.
+) -> tuple[tuple[int, ...], ForwardOptions, tuple[int, int, int, int]]:
+    """Validate the conv arguments with kernels' rules; -> the output's shape, the options with the
+    stride clamped to the span the kernel can move over, and the zero-padded input's shape (N, C, H_pad, W_pad).
 
     A stride past that span gives the same one-pixel output whatever its size, but torch's CPU backward
     (the parity oracle) crashes the whole process on strides near 2**16, so no conv ever sees one."""
@@ -125,14 +132,12 @@ def _output_shape(
     out_height, out_width = spec.output_size(batched.shape[2], batched.shape[3], weight.shape[2], weight.shape[3])
     shape = (batched.shape[0], weight.shape[0], out_height, out_width)
     top, bottom, left, right = spec.padding
-    spans = (
-        batched.shape[2] + top + bottom - spec.dilation[0] * (weight.shape[2] - 1),
-        batched.shape[3] + left + right - spec.dilation[1] * (weight.shape[3] - 1),
-    )
+    padded = (batched.shape[0], batched.shape[1], batched.shape[2] + top + bottom, batched.shape[3] + left + right)
+    spans = (padded[2] - spec.dilation[0] * (weight.shape[2] - 1), padded[3] - spec.dilation[1] * (weight.shape[3] - 1))
     stride = [max(1, min(step, span)) for step, span in zip(spec.stride, spans)]
     if tuple(stride) != spec.stride:
         options = options.model_copy(update={"stride": stride})
-    return (shape if input.dim() == 4 else shape[1:]), options
+    return (shape if input.dim() == 4 else shape[1:]), options, padded
 
 
 def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[str], default_device: str) -> Problem:
@@ -161,7 +166,7 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
     input, weight, bias, grad_output = (as_dtype(tensor, dtype) for tensor in (input, weight, bias, grad_output))
     _check_algorithm(options.algorithm, device, dtype)
 
-    output_shape, options = _output_shape(options, input, weight, bias)
+    output_shape, options, padded_shape = _output_shape(options, input, weight, bias)
     if grad_output is not None and tuple(grad_output.shape) != output_shape:
         raise InvalidField("grad_output", f"grad_output must have the output's shape {list(output_shape)}, got {list(grad_output.shape)}")
     output_elements = torch.Size(output_shape).numel()
@@ -173,6 +178,12 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
     work = forward_macs * (3 if backward else 1)
     if work > settings.max_macs:
         raise TooLarge(f"this request needs {work:,} multiply-accumulates; the limit is {settings.max_macs:,} (CONV_MAX_MACS)")
+    padded_elements = torch.Size(padded_shape).numel()
+    if padded_elements > PADDED_INPUT_FACTOR * limit:
+        raise TooLarge(
+            f"padding: the padded input would have {padded_elements:,} elements (shape {list(padded_shape)}); the limit is "
+            f"{PADDED_INPUT_FACTOR * limit:,}, {PADDED_INPUT_FACTOR}x the per-tensor limit (CONV_MAX_TENSOR_ELEMENTS)"
+        )
     if options.algorithm == "reference" and forward_macs > settings.reference_max_macs:
         raise TooLarge(
             f"algorithm 'reference' is limited to {settings.reference_max_macs:,} MACs (CONV_REFERENCE_MAX_MACS); "

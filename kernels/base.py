@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.limits import get_limits
 from kernels.params import ConvSpec
 
 
@@ -59,6 +60,21 @@ class ConvAlgorithm(ABC):
         dtype = str(input.dtype).removeprefix("torch.")
         if dtype not in support.dtypes:
             raise UnsupportedProblem(f"algorithm {self.name!r} does not support dtype {dtype}; it supports {list(support.dtypes)}")
+
+    def loop_iterations(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> int:
+        """Upper bound on the Python loop iterations of one forward or backward pass (1: it loops over nothing
+        that grows with the problem, or only over blocks of a work-sized chunk)."""
+        return 1
+
+    def accept(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
+        """`check`, then the limit on loop iterations (after it, so that a problem the algorithm cannot run says why first)."""
+        self.check(input, weight, spec)
+        loops, limit = self.loop_iterations(input, weight, spec), get_limits().loop_iterations
+        if loops > limit:
+            raise WorkTooLarge(
+                f"algorithm {self.name!r} would make {loops:,} Python loop iterations per pass on this problem "
+                f"(kernel {tuple(weight.shape[2:])}, groups {spec.groups}); the limit is {limit:,}"
+            )
 
     @abstractmethod
     def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:

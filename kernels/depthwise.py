@@ -365,6 +365,10 @@ class Depthwise(ConvAlgorithm):
                 f"algorithm 'depthwise' needs groups == C_in (one input channel per group), got groups={spec.groups}, C_in={input.shape[1]}"
             )
 
+    def loop_iterations(self, input, weight, spec):
+        """One multiply-add per kernel tap and channel multiplier."""
+        return weight.shape[0] // max(1, input.shape[1]) * weight.shape[2] * weight.shape[3]
+
     def forward(self, input, weight, bias, spec):
         """input (N, C, H, W), weight (C*m, 1, kH, kW) -> (N, C*m, H_out, W_out) in input's memory format."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)

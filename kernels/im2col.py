@@ -59,16 +59,27 @@ def _row_blocks(batch: int, out_height: int, row_bytes: int, limit: int | None =
     Whole images are grouped while they fit; an image too big on its own is split by output rows.
     A single output row is the smallest block, so a row wider than the limit still runs alone.
     """
-    limit = get_limits().im2col_workspace_bytes if limit is None else limit
-    rows_per_block = max(1, limit // max(1, row_bytes))
-    if rows_per_block >= out_height:
-        images = max(1, rows_per_block // max(1, out_height))
+    rows_per_block, images = _block_size(out_height, row_bytes, limit)
+    if images:
         for start in range(0, batch, images):
             yield slice(start, min(batch, start + images)), slice(0, out_height)
         return
     for image in range(batch):
         for start in range(0, out_height, rows_per_block):
             yield slice(image, image + 1), slice(start, min(out_height, start + rows_per_block))
+
+
+def _block_count(batch: int, out_height: int, row_bytes: int, limit: int | None = None) -> int:
+    """How many blocks `_row_blocks` yields, without walking them."""
+    rows_per_block, images = _block_size(out_height, row_bytes, limit)
+    return -(-batch // images) if images else batch * -(-out_height // rows_per_block)
+
+
+def _block_size(out_height: int, row_bytes: int, limit: int | None) -> tuple[int, int]:
+    """(output rows per block, whole images per block, 0 when one image is split by rows)."""
+    limit = get_limits().im2col_workspace_bytes if limit is None else limit
+    rows_per_block = max(1, limit // max(1, row_bytes))
+    return rows_per_block, (max(1, rows_per_block // max(1, out_height)) if rows_per_block >= out_height else 0)
 
 
 def _grouped_columns(patches: torch.Tensor, groups: int) -> torch.Tensor:
@@ -113,20 +124,22 @@ def _use_phases(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bo
     return spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[1] < FOLD_MAX_CHANNELS and input.is_contiguous()
 
 
-def _phase_split(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """input (N, C, H, W) -> (N, C, s_h, s_w, H_ph, W_ph), [.., p, q, Y, X] = zero-padded input[.., s_h*Y + p, s_w*X + q].
+def _phase_split(input: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Tensor:
+    """input (N, C, H, W) -> (N, C, P_h, P_w, H_ph, W_ph), [.., p, q, Y, X] = zero-padded input[.., s_h*Y + p, s_w*X + q].
 
-    Splitting by stride phase turns every strided tap window into rows of contiguous reads.
+    Splitting by stride phase turns every strided tap window into rows of contiguous reads. Only the
+    phases a tap reads are kept, P = min(stride, kernel): a stride past the kernel skips the others.
     """
     top, bottom, left, right = spec.padding
     stride_h, stride_w = spec.stride
     batch, channels, height, width = input.shape
-    shape = (batch, channels, stride_h, stride_w, -(-(height + top + bottom) // stride_h), -(-(width + left + right) // stride_w))
+    phases_h, phases_w = min(stride_h, kernel[0]), min(stride_w, kernel[1])
+    shape = (batch, channels, phases_h, phases_w, -(-(height + top + bottom) // stride_h), -(-(width + left + right) // stride_w))
     split = scratch("im2col_phases", math.prod(shape), input).view(shape).zero_()
-    for p in range(stride_h):
+    for p in range(phases_h):
         first_row = max(0, -((p - top) // stride_h))  # smallest Y with s_h*Y + p - top >= 0
         in_row = stride_h * first_row + p - top
-        for q in range(stride_w):
+        for q in range(phases_w):
             first_col = max(0, -((q - left) // stride_w))
             in_col = stride_w * first_col + q - left
             if in_row < height and in_col < width:
@@ -147,6 +160,13 @@ def _use_fold(input_shape: torch.Size, weight_shape: torch.Size, out_positions: 
     return in_per_group < FOLD_MAX_CHANNELS and fits
 
 
+def _fold_images(weight_shape: torch.Size, groups: int, out_positions: int, element_size: int) -> int:
+    """Images per block of `_fold_grad_input`: as many as keep their column gradient under the workspace limit."""
+    _, in_per_group, kernel_h, kernel_w = weight_shape
+    column_bytes = groups * in_per_group * kernel_h * kernel_w * out_positions * element_size
+    return max(1, get_limits().im2col_workspace_bytes // max(1, column_bytes))
+
+
 def _fold_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, padded_hw: tuple[int, int]) -> torch.Tensor:
     """grad of the padded input, (N, C_in, H_pad, W_pad) NCHW: col2im (F.fold) of W^T @ grad_output, per image block.
 
@@ -162,8 +182,7 @@ def _fold_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: Conv
         return grad_output.new_zeros(0, in_per_group * groups, *padded_hw)
     grad = grad_output.reshape(batch, out_channels, grad_output.shape[2] * grad_output.shape[3])  # (N, C_out, L): a view for NCHW
     matrices = weight.reshape(groups, out_per_group, in_per_group * kernel_h * kernel_w).transpose(1, 2)  # (g, C_in/g*kH*kW, C_out/g)
-    column_bytes = groups * matrices.shape[1] * grad.shape[2] * grad.element_size()
-    images = max(1, get_limits().im2col_workspace_bytes // max(1, column_bytes))
+    images = _fold_images(weight.shape, groups, grad.shape[2], grad.element_size())
     blocks = []
     for start in range(0, batch, images):
         block = grad[start : start + images]
@@ -184,6 +203,19 @@ class Im2col(ConvAlgorithm):
             notes="channels-last patch GEMM, chunked under a workspace cap; depthwise as tap-wise multiply-adds",
             limits={"workspace_bytes": get_limits().im2col_workspace_bytes},
         )
+
+    def loop_iterations(self, input, weight, spec):
+        """Depthwise: one per tap. Otherwise per row block one GEMM, and in backward one scatter per tap (or
+        per F.fold image block one GEMM per group); the stride-phase gather adds at most one per tap."""
+        _, in_per_group, kernel_h, kernel_w = weight.shape
+        taps = kernel_h * kernel_w
+        if _is_depthwise(weight, spec.groups):
+            return taps
+        out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
+        element_size = max(input.element_size(), 4)  # half precision runs in float32
+        blocks = _block_count(input.shape[0], out_height, out_width * input.shape[1] * taps * element_size)
+        fold_blocks = -(-input.shape[0] // _fold_images(weight.shape, spec.groups, out_height * out_width, element_size))
+        return blocks * (taps + 1) + taps + fold_blocks * spec.groups
 
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
@@ -248,7 +280,7 @@ class Im2col(ConvAlgorithm):
         """
         out_channels, in_channels, kernel_h, kernel_w = weight.shape
         (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
-        split = _phase_split(input, spec)
+        split = _phase_split(input, spec, (kernel_h, kernel_w))
         batch = split.shape[0]
         output = input.new_empty(batch, out_channels, out_height * out_width)
         weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
@@ -357,18 +389,26 @@ class Im2col(ConvAlgorithm):
         batch, out_height, out_width, _ = grad_nhwc.shape
         grad_split = grad_nhwc.view(batch, out_height, out_width, groups, multiplier)
         taps = weight.reshape(groups, multiplier, weight.shape[2], weight.shape[3])
-        grad_taps = []
+        # Outside grad mode (not double backward) each tap's product goes to one reused buffer and its sum
+        # straight into grad_taps: a fresh product per tap with its small sum allocated after it left
+        # glibc unable to reuse the freed products (801 taps of a 16 MB product held 13 GB).
+        reuse = padded is not None and not torch.is_grad_enabled()
+        product = torch.empty_like(grad_split) if reuse else None
+        grad_taps = grad_split.new_empty(weight.shape[2] * weight.shape[3], groups, multiplier) if reuse else []
         for i in range(weight.shape[2]):
             for j in range(weight.shape[3]):
                 if padded is not None:
                     window = _tap_window(padded, spec, i, j, out_height, out_width).unsqueeze(-1)
-                    grad_taps.append((grad_split * window).sum(dim=(0, 1, 2)))
+                    if reuse:
+                        torch.sum(torch.mul(grad_split, window, out=product), dim=(0, 1, 2), out=grad_taps[i * weight.shape[3] + j])
+                    else:
+                        grad_taps.append((grad_split * window).sum(dim=(0, 1, 2)))
                 if grad_padded is not None:
                     grad_window = _tap_window(grad_padded, spec, i, j, out_height, out_width)
                     grad_window += (grad_split * taps[:, :, i, j]).sum(dim=-1)
         if padded is None:
             return None
-        stacked = torch.stack(grad_taps, dim=-1).reshape(groups, multiplier, weight.shape[2], weight.shape[3])
+        stacked = grad_taps.permute(1, 2, 0) if reuse else torch.stack(grad_taps, dim=-1)  # (groups, m, kH*kW)
         return stacked.reshape(weight.shape)
 
 

@@ -13,6 +13,11 @@ class Limits:
     reference_max_macs: int = 50_000_000
     # Upper bound on any im2col patch/column buffer; work is chunked over output rows to stay under it.
     im2col_workspace_bytes: int = 256 * MiB
+    # Python loop iterations (each one to a few torch calls, ~5-60 us) an algorithm may make in one forward
+    # or backward pass (`ConvAlgorithm.loop_iterations`). MAC limits bound the arithmetic, not this: a
+    # depthwise 1x2^20 kernel is 1M MACs on a 1x2^20 image and 2^20 iterations, 26 s per forward. 16384
+    # takes a 128x128 depthwise kernel (~1.3 s forward+backward); the large ones in use are 31x31 and 51x51.
+    loop_iterations: int = 16384
 
 
 _current = Limits()

@@ -58,6 +58,10 @@ class Pointwise(ConvAlgorithm):
                 f"algorithm 'pointwise' needs a 1x1 kernel and no padding, got kernel {tuple(weight.shape[2:])}, padding {spec.padding}"
             )
 
+    def loop_iterations(self, input, weight, spec):
+        """One GEMM per group; NCHW grad_weight one per group and image."""
+        return spec.groups * (input.shape[0] + 1)
+
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)

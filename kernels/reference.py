@@ -42,6 +42,10 @@ class Reference(ConvAlgorithm):
         if work > limit:
             raise WorkTooLarge(f"algorithm 'reference' refuses {work:,} MACs (limit {limit:,}); use 'im2col' or 'auto'")
 
+    def loop_iterations(self, input, weight, spec):
+        """One einsum per group and kernel tap."""
+        return spec.groups * weight.shape[2] * weight.shape[3]
+
     def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
         top, bottom, left, right = spec.padding
         padded = F.pad(input.to(_EXACT), (left, right, top, bottom))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.base import ConvAlgorithm, UnsupportedProblem, get, registered
+from kernels import shifted_gemm
+from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, registered
 from kernels.limits import macs
 from kernels.params import ConvSpec
 
@@ -113,24 +114,26 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         return channels >= WINOGRAD_MIN_CHANNELS and size >= WINOGRAD_MIN_OUTPUT
     if name != "shifted_gemm":
         return True
-    top, bottom, left, right = spec.padding
-    padded = (input.shape[2] + top + bottom) * (input.shape[3] + left + right)
-    out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
-    return padded <= MAX_SHIFTED_WASTE * max(1, out_height * out_width)
+    return shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
 
 
 def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:
+    """The first algorithm in `_PREFERENCE` that is worth running and accepts the problem; failing that, the
+    first that accepts it at all (the speed heuristics must not turn a problem some algorithm can run into
+    an error). WorkTooLarge when none accepts and some refused it as too large, UnsupportedProblem otherwise."""
     available = registered()
-    reasons = []
-    for name in _PREFERENCE.get(input.device.type, ("im2col",)):
-        if name not in available or not _worth_running(name, input, weight, spec):
-            continue
+    order = [available[name] for name in _PREFERENCE.get(input.device.type, ("im2col",)) if name in available]
+    worth = [algorithm for algorithm in order if _worth_running(algorithm.name, input, weight, spec)]
+    refusals: dict[str, UnsupportedProblem] = {}
+    for algorithm in worth + [algorithm for algorithm in order if algorithm not in worth]:
         try:
-            available[name].check(input, weight, spec)
-            return available[name]
+            algorithm.accept(input, weight, spec)
+            return algorithm
         except UnsupportedProblem as why:
-            reasons.append(str(why))
-    raise UnsupportedProblem(f"no algorithm supports this problem: {'; '.join(reasons) or 'none registered'}")
+            refusals[algorithm.name] = why
+    reasons = "; ".join(str(why) for why in refusals.values()) or "none registered"
+    too_large = any(isinstance(why, WorkTooLarge) for why in refusals.values())
+    raise (WorkTooLarge if too_large else UnsupportedProblem)(f"no algorithm runs this problem: {reasons}")
 
 
 def resolve(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:
@@ -138,5 +141,5 @@ def resolve(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec
     if name == "auto":
         return choose(input, weight, spec)
     algorithm = get(name)
-    algorithm.check(input, weight, spec)
+    algorithm.accept(input, weight, spec)
     return algorithm

@@ -27,6 +27,25 @@ from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 
+# Asked for by name (auto only sends it problems with waste <= selection.MAX_SHIFTED_WASTE), it still
+# refuses problems whose wide output is more than this many times the real one, unless their whole
+# wide product is small: the waste is unbounded (a 1x2 kernel dilated 8000 on a 4096x1 image computes
+# 8001 wide rows per output row; 8 GB for a 1 MB output), and its rows cost time and memory that the
+# service's MAC and element limits do not count. 2.5 lets a 3x3 "same" conv on 4x4 images through (2.25).
+MAX_WASTE = 2.5
+SMALL_WIDE_MACS = 1 << 24
+
+
+def _padded_area(input: torch.Tensor, spec: ConvSpec) -> int:
+    top, bottom, left, right = spec.padding
+    return (input.shape[2] + top + bottom) * (input.shape[3] + left + right)
+
+
+def waste(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> float:
+    """Wide output rows per real output position: H_pad*W_pad / (H_out*W_out)."""
+    out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
+    return _padded_area(input, spec) / max(1, out_height * out_width)
+
 
 def padded_rows(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """input (N, C, H, W), any memory format -> zero-padded NHWC (N, H_pad, W_pad, C), contiguous.
@@ -111,6 +130,17 @@ class ShiftedGemm(ConvAlgorithm):
         super().check(input, weight, spec)
         if spec.stride != (1, 1):
             raise UnsupportedProblem(f"algorithm 'shifted_gemm' needs stride (1, 1), got {spec.stride}; use 'im2col'")
+        ratio = waste(input, weight, spec)
+        wide_macs = input.shape[0] * _padded_area(input, spec) * weight.numel()  # N*H_pad*W_pad*C_out*C_in/g*kH*kW
+        if ratio > MAX_WASTE and wide_macs > SMALL_WIDE_MACS:
+            raise UnsupportedProblem(
+                f"algorithm 'shifted_gemm' computes every padded position, {ratio:,.1f}x the output's here "
+                f"(it refuses more than {MAX_WASTE}x on problems over {SMALL_WIDE_MACS:,} MACs); use 'im2col'"
+            )
+
+    def loop_iterations(self, input, weight, spec):
+        """One GEMM per group and kernel tap."""
+        return spec.groups * weight.shape[2] * weight.shape[3]
 
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)

@@ -108,6 +108,10 @@ class TritonConv(ConvAlgorithm):
                 f"N*H_out*W_out {rows:,} must be at most {_INT32_MAX:,}"
             )
 
+    def loop_iterations(self, input, weight, spec):
+        """grad_input launches one kernel per stride phase that holds input pixels."""
+        return min(spec.stride[0], input.shape[2]) * min(spec.stride[1], input.shape[3])
+
     def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
         with _on_device(input.device):
             return self._forward(input, weight, bias, spec)

@@ -174,7 +174,7 @@ def refusal(case: Case, algorithm: str, dtype: torch.dtype = torch.float64, devi
     batched = input.unsqueeze(0) if case.batch is None else input
     spec = normalize(batched, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
     try:
-        kernels.get(algorithm).check(batched, weight, spec)
+        kernels.get(algorithm).accept(batched, weight, spec)
     except kernels.UnsupportedProblem as why:
         return str(why)
     return None

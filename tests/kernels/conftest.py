@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def restore_limits():
     """kernels' limits as they were before the test, checked."""
     saved = kernels.get_limits()
     yield
-    kernels.set_limits(reference_max_macs=saved.reference_max_macs, im2col_workspace_bytes=saved.im2col_workspace_bytes)
+    kernels.set_limits(**dataclasses.asdict(saved))
     assert kernels.get_limits() == saved
 
 

@@ -143,6 +143,42 @@ CASES = [
         },
     ),
     Case("output_over_element_limit", 413, "CONV_MAX_TENSOR_ELEMENTS", seed_body(padding=3000)),
+    # A 1 MB body whose padding (not counted in MACs) asked every algorithm for a 4.2 GB padded copy.
+    Case(
+        "padded_input_over_limit",
+        413,
+        "padding: the padded input would have 1,057,030,144 elements",
+        {
+            "input": _tensor([1, 64, 64, 64], b64=_b64(4 * 64**3)),
+            "weight": _tensor([64, 64, 3, 3], b64=_b64(4 * 64 * 64 * 9)),
+            "padding": 2000,
+            "dilation": 2000,
+        },
+    ),
+    # Named algorithms that refuse what would cost far more than its MACs say.
+    Case(
+        "shifted_gemm_mostly_padding",
+        422,
+        "algorithm",
+        {
+            "input": _tensor([1, 1, 4096, 1], b64=_b64(4 * 4096)),
+            "weight": _tensor([64, 1, 1, 2], b64=_b64(4 * 128)),
+            "padding": [0, 4000],
+            "dilation": [1, 8000],
+            "algorithm": "shifted_gemm",
+        },
+    ),
+    Case(
+        "loop_over_taps_past_limit",
+        413,
+        "Python loop iterations",
+        {
+            "input": _tensor([1, 2, 1, 65536], b64=_b64(4 * 2 * 65536)),
+            "weight": _tensor([2, 1, 1, 65536], b64=_b64(4 * 2 * 65536)),
+            "groups": 2,
+            "algorithm": "im2col",
+        },
+    ),
 ]
 DECLARED_AND_STREAMED = 2
 
