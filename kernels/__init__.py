@@ -1,6 +1,12 @@
 """Our Conv2d: forward and backward computed by our own algorithms, never torch's conv ops.
 
 Public API: `conv2d` (functional), `Conv2d` (nn.Conv2d drop-in), `algorithms()` (what each supports).
+
+Process-wide limits (`get_limits`, `set_limits`; the service sets them from its CONV_* settings): the
+reference algorithm's MACs, the workspace cap on patch buffers and stacked copies, and the Python loop
+iterations an algorithm may make per pass (a kernel of more than 16,384 taps, for the ones that loop over
+taps). A problem past an algorithm's limit raises WorkTooLarge when that algorithm is named; `auto` moves
+on to one that accepts it. A model with bigger kernels can raise the bound: `set_limits(loop_iterations=...)`.
 """
 
 from __future__ import annotations
