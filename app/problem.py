@@ -111,9 +111,11 @@ def _blame(message: str) -> str:
 
 # The zero-padded input may have this many times CONV_MAX_TENSOR_ELEMENTS: the algorithms and the
 # parity oracle (for non-zero padding modes) build it, and padding is not counted in MACs, so a 1 MB
-# request (1x64x64x64, a 3x3 kernel dilated 2000, padding 2000) took the server to 4.4 GB. Twice the
-# limit leaves any input at the limit room for ordinary padding.
-PADDED_INPUT_FACTOR = 2
+# request (1x64x64x64, a 3x3 kernel dilated 2000, padding 2000) took the server to 4.4 GB. Four times
+# (67M elements by default) takes "same" padding on small maps, which grows the input most: ConvNeXt-B's
+# 7x7 depthwise on 7x7 maps at batch 256 (12.8M elements, 44.3M padded), DeepLab's rate-24 ASPP 3x3 on
+# 41x41 maps at batch 3 (10.3M, 48.7M padded).
+PADDED_INPUT_FACTOR = 4
 
 
 def _output_shape(

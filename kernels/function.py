@@ -61,10 +61,11 @@ class Conv2dFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         spec, padding_mode, algorithm, memory_format = ctx.conv
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() and not algorithm.support().double_backward:
-            # create_graph=True: use an algorithm whose backward is itself differentiable.
-            algorithm = get("im2col")
         padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+        if torch.is_grad_enabled() and not algorithm.support().double_backward:
+            # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits.
+            algorithm = get("im2col")
+            algorithm.accept(padded, weight, run_spec)
         grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
         if grad_input is not None:
             if padded is not input:

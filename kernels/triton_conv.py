@@ -109,8 +109,10 @@ class TritonConv(ConvAlgorithm):
             )
 
     def loop_iterations(self, input, weight, spec):
-        """grad_input launches one kernel per stride phase that holds input pixels."""
-        return min(spec.stride[0], input.shape[2]) * min(spec.stride[1], input.shape[3])
+        """grad_input launches one kernel per stride phase that holds input pixels (counted on the padded
+        size: a non-zero padding mode hands the algorithm the padded input)."""
+        top, bottom, left, right = spec.padding
+        return min(spec.stride[0], input.shape[2] + top + bottom) * min(spec.stride[1], input.shape[3] + left + right)
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
         with _on_device(input.device):

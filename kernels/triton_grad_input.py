@@ -175,35 +175,40 @@ class Phase:
 
 
 def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -> list[Phase]:
-    """The stride_h * stride_w phases that partition the input pixels, empty ones (no pixels) left out."""
+    """The stride phases that hold input pixels, which partition them: min(stride, size) per axis.
+
+    Walked by first pixel (first_row < min(stride_h, height)), not by phase: a stride far past the
+    image (the service allows one up to the kernel's span) has stride_h * stride_w phases, nearly all empty.
+    """
     (stride_h, stride_w), (dil_h, dil_w) = spec.stride, spec.dilation
     top, left = spec.padding[0], spec.padding[2]
+    columns = []
+    for first_col in range(min(stride_w, width)):
+        phase_w = (first_col + left) % stride_w
+        columns.append((first_col, _phase_taps(phase_w, stride_w, dil_w, kernel_w)))
     phases = []
-    for phase_h in range(stride_h):
-        first_row = (phase_h - top) % stride_h
-        tap0_h, tap_step_h, taps_h = _phase_taps(phase_h, stride_h, dil_h, kernel_h)
-        for phase_w in range(stride_w):
-            first_col = (phase_w - left) % stride_w
-            tap0_w, tap_step_w, taps_w = _phase_taps(phase_w, stride_w, dil_w, kernel_w)
-            phase = Phase(
-                phase_rows=len(range(first_row, height, stride_h)),
-                phase_cols=len(range(first_col, width, stride_w)),
-                first_row=first_row,
-                first_col=first_col,
-                tap0_h=tap0_h,
-                tap0_w=tap0_w,
-                tap_step_h=tap_step_h,
-                tap_step_w=tap_step_w,
-                taps_h=taps_h,
-                taps_w=taps_w,
-                # Exact divisions: first_row + top = tap0_h * dil_h (mod stride_h) by construction.
-                base_oh=(first_row + top - tap0_h * dil_h) // stride_h,
-                base_ow=(first_col + left - tap0_w * dil_w) // stride_w,
-                oh_step=tap_step_h * dil_h // stride_h,
-                ow_step=tap_step_w * dil_w // stride_w,
+    for first_row in range(min(stride_h, height)):
+        tap0_h, tap_step_h, taps_h = _phase_taps((first_row + top) % stride_h, stride_h, dil_h, kernel_h)
+        for first_col, (tap0_w, tap_step_w, taps_w) in columns:
+            phases.append(
+                Phase(
+                    phase_rows=len(range(first_row, height, stride_h)),
+                    phase_cols=len(range(first_col, width, stride_w)),
+                    first_row=first_row,
+                    first_col=first_col,
+                    tap0_h=tap0_h,
+                    tap0_w=tap0_w,
+                    tap_step_h=tap_step_h,
+                    tap_step_w=tap_step_w,
+                    taps_h=taps_h,
+                    taps_w=taps_w,
+                    # Exact divisions: first_row + top = tap0_h * dil_h (mod stride_h) by construction.
+                    base_oh=(first_row + top - tap0_h * dil_h) // stride_h,
+                    base_ow=(first_col + left - tap0_w * dil_w) // stride_w,
+                    oh_step=tap_step_h * dil_h // stride_h,
+                    ow_step=tap_step_w * dil_w // stride_w,
+                )
             )
-            if phase.phase_rows and phase.phase_cols:
-                phases.append(phase)
     return phases
 
 

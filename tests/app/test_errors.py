@@ -151,16 +151,16 @@ async def chunks(payload: bytes):
             id="macs-backward",
         ),
         pytest.param("/forward", body(algorithm="reference"), "CONV_REFERENCE_MAX_MACS", id="reference-macs"),
-        # A 2x2 kernel dilated 60 with padding 30 on one pixel: a 1x1 output, a 61x61 = 3,721-element padded input.
+        # A 2x2 kernel dilated 80 with padding 40 on one pixel: a 1x1 output, an 81x81 = 6,561-element padded input.
         pytest.param(
             "/forward",
-            {"input": zeros(1, 1, 1, 1), "weight": zeros(1, 1, 2, 2), "padding": 30, "dilation": 60},
-            "padding: the padded input would have 3,721 elements (shape [1, 1, 61, 61]); the limit is 2,000",
+            {"input": zeros(1, 1, 1, 1), "weight": zeros(1, 1, 2, 2), "padding": 40, "dilation": 80},
+            "padding: the padded input would have 6,561 elements (shape [1, 1, 81, 81]); the limit is 4,000",
             id="padded-input",
         ),
         pytest.param(
             "/backward",
-            {"input": zeros(1, 1, 1, 1), "weight": zeros(1, 1, 2, 2), "padding": 30, "dilation": 60, "padding_mode": "replicate"},
+            {"input": zeros(1, 1, 1, 1), "weight": zeros(1, 1, 2, 2), "padding": 40, "dilation": 80, "padding_mode": "replicate"},
             "CONV_MAX_TENSOR_ELEMENTS",
             id="padded-input-replicate",
         ),
@@ -173,15 +173,15 @@ async def test_413_limits(path: str, payload: dict, words: str) -> None:
     assert words in response.json()["detail"]
 
 
-async def test_padding_up_to_twice_the_tensor_limit_runs() -> None:
-    # 1x1x20x20 input (400 of the 1,000 allowed), padding 11: 42x42 = 1,764 padded elements, under 2,000.
+async def test_padding_up_to_four_times_the_tensor_limit_runs() -> None:
+    # 1x1x20x20 input (400 of the 1,000 allowed), padding 21: 62x62 = 3,844 padded elements, under 4,000.
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 1, 20, 20, generator=generator), torch.randn(1, 1, 3, 3, generator=generator)
-    payload = {"input": x.tolist(), "weight": w.tolist(), "padding": 11, "dilation": 10}
+    payload = {"input": x.tolist(), "weight": w.tolist(), "padding": 21, "dilation": 20}
     async with running(**LIMITS) as (_, client):
         response = await client.post("/forward", json=payload)
     assert response.status_code == 200, response.text
-    expected = F.conv2d(x.double(), w.double(), padding=11, dilation=10)
+    expected = F.conv2d(x.double(), w.double(), padding=21, dilation=20)
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(from_json(response.json()["output"]).double(), expected, atol=atol, rtol=rtol)
 

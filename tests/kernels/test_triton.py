@@ -146,6 +146,51 @@ def test_double_backward_falls_back_to_im2col():
     assert_parity("d(grad_input)/d(weight)", second, exact_second, torch.float32)
 
 
+@CPU
+def test_double_backward_fallback_keeps_im2col_within_its_limits(restore_limits):
+    # triton's own loop bound (stride phases: 1) passes; im2col's (9 taps and its blocks: 20) does not.
+    kernels.set_limits(loop_iterations=5)
+    case = Case("double_limit", padding=1)
+    input, weight, bias = make_inputs(case, torch.float32, "cpu")
+    output = our_conv(case, input, weight, bias, "triton")
+    with pytest.raises(kernels.WorkTooLarge, match="'im2col'"):
+        torch.autograd.grad(output.square().sum(), input, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "size", "kernel", "dilation"),
+    [
+        ((2, 3), (1, 0), (9, 8), (3, 3), (1, 2)),
+        ((5, 1), (2, 2), (4, 7), (2, 3), (2, 1)),
+        ((1001, 1001), (500, 500), (1, 1), (1, 1), (1, 1)),
+    ],
+)
+def test_stride_phases_partition_the_pixels_and_skip_empty_phases(stride, padding, size, kernel, dilation, monkeypatch):
+    """Every input pixel is in exactly one phase, and empty phases are never visited: a stride of 1001 on one
+    pixel is one phase, where the old walk over all 1,002,001 took 6.5 s of Python per backward."""
+    from kernels import triton_grad_input
+    from kernels.params import normalize
+
+    visits = []
+    phase_taps = triton_grad_input._phase_taps
+    monkeypatch.setattr(triton_grad_input, "_phase_taps", lambda *args: visits.append(args) or phase_taps(*args))
+    input, weight = torch.empty(1, 1, *size), torch.empty(1, 1, *kernel)
+    spec = normalize(input, weight, None, stride, padding, dilation, 1, "zeros")
+    phases = triton_grad_input.stride_phases(spec, *size, *kernel)
+    assert len(phases) == min(stride[0], size[0]) * min(stride[1], size[1])
+    assert len(visits) <= min(stride[0], size[0]) + min(stride[1], size[1])
+    pixels = [
+        (phase.first_row + t * stride[0], phase.first_col + u * stride[1])
+        for phase in phases
+        for t in range(phase.phase_rows)
+        for u in range(phase.phase_cols)
+    ]
+    assert sorted(pixels) == [(y, x) for y in range(size[0]) for x in range(size[1])]
+    for phase in phases:  # the taps a phase lists reach its pixels: (pixel + pad - tap * dil) is a multiple of stride
+        for i in range(phase.taps_h):
+            assert (phase.first_row + padding[0] - (phase.tap0_h + i * phase.tap_step_h) * dilation[0]) % stride[0] == 0
+
+
 def test_support_lists_cpu_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert triton_conv.TritonConv().support().devices == ("cuda",)
