@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         "not through the device queue: for them the thread hand-off costs more than the conv (0: always queue).",
     )
     queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
+    max_inflight_bytes: int = Field(
+        1 << 30,
+        ge=MiB,
+        description="Memory that the requests in progress may hold together, per server process: bodies as they arrive, "
+        "then their tensors, outputs and gradients. A request that would pass it is answered 503 + Retry-After before its body "
+        "is read; one request alone is always admitted.",
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline per request, from arrival to answer (504 past it).")
     body_timeout_s: float = Field(
         30.0, gt=0, description="Time allowed for a request body to arrive; a slower client is answered 408 and cut off."

@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.admission import Hold, MemoryBudget
 from app.config import Settings
 from app.errors import BodyTimeout, DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
 from app.metrics import Metrics
@@ -51,11 +52,12 @@ class AppState:
     workers: dict[str, DeviceWorker]
     parser: BodyParser
     metrics: Metrics
+    budget: MemoryBudget
 
 
 def app_state(request: Request) -> AppState:
     state = request.app.state
-    return AppState(state.settings, state.workers, state.parser, state.metrics)
+    return AppState(state.settings, state.workers, state.parser, state.metrics, state.budget)
 
 
 # OpenAPI: the compute routes declare this scheme (app/main.py adds it to the components).
@@ -73,7 +75,8 @@ def check_api_key(request: Request, settings: Settings) -> None:
         raise Unauthorized("missing or wrong API key: send Authorization: Bearer <CONV_API_KEY>", headers={"WWW-Authenticate": "Bearer"})
 
 
-def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True) -> None:
+def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True) -> int | None:
+    """The declared Content-Length (None without one), after the media type, encoding and size checks."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if json_only and media_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'none'!r}")
@@ -86,6 +89,8 @@ def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True
             raise MalformedBody(f"Content-Length must be a non-negative integer, got {declared!r}")
         if int(declared) > max_body_bytes:
             raise TooLarge(f"the body is {int(declared):,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
+        return int(declared)
+    return None
 
 
 # Where a binary section starts at a known offset (V2's Inference-Header-Content-Length), the body is
@@ -93,13 +98,15 @@ def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True
 BINARY_ALIGNMENT = 16
 
 
-async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int) -> bytearray | memoryview:
+async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int, hold: Hold | None) -> bytearray | memoryview:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_body_bytes:
             raise TooLarge(f"the body exceeds the limit of {max_body_bytes:,} bytes (CONV_MAX_BODY_BYTES)")
+        if hold is not None and size > hold.nbytes:  # a body without Content-Length, or longer than it said
+            hold.resize(size)
         chunks.append(chunk)
     # Writable, so binary tensors (V2's binary extension) can be views of it instead of copies. The
     # buffer itself comes from malloc (16-byte aligned); `pad` leading bytes put binary_offset on the boundary.
@@ -110,17 +117,25 @@ async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int
 
 
 async def read_body(
-    request: Request, settings: Settings, deadline: float, json_only: bool = True, binary_offset: int = 0
+    request: Request,
+    settings: Settings,
+    deadline: float,
+    json_only: bool = True,
+    binary_offset: int = 0,
+    hold: Hold | None = None,
 ) -> bytearray | memoryview:
     """The request's bytes (writable), with 415 for other media types, 413 past max_body_bytes (declared or streamed)
     without reading the rest, 408 past CONV_BODY_TIMEOUT_S and 504 past the request's deadline. `json_only=False` (the V2
     routes: JSON followed by raw tensor bytes) skips the Content-Type check only; byte `binary_offset` of the
-    result is 16-byte aligned."""
-    _check_headers(request, settings.max_body_bytes, json_only)
+    result is 16-byte aligned. With a `hold` (app/admission.py) the body's bytes are reserved before they are read:
+    the declared length up front, the rest as it arrives; 503 + Retry-After when the server holds too much already."""
+    declared = _check_headers(request, settings.max_body_bytes, json_only)
+    if hold is not None and declared:
+        hold.resize(declared)
     body_deadline = time.monotonic() + settings.body_timeout_s
     try:
         async with asyncio.timeout(max(0.0, min(deadline, body_deadline) - time.monotonic())):
-            return await _read_capped(request, settings.max_body_bytes, binary_offset)
+            return await _read_capped(request, settings.max_body_bytes, binary_offset, hold)
     except TimeoutError:
         if body_deadline <= deadline:
             raise BodyTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s (CONV_BODY_TIMEOUT_S)") from None

@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 import app as package
 import kernels
 from app import compute, errors, memory
+from app.admission import MemoryBudget
 from app.config import Settings, get_settings
 from app.deps import BEARER_SCHEME
 from app.metrics import Metrics, MetricsMiddleware
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.workers = {}
     app.state.parser = BodyParser(0)
+    app.state.budget = MemoryBudget(settings.max_inflight_bytes, settings.retry_after_s)
     errors.install(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (forward.router, backward.router, health.router, info.router, v2.router):

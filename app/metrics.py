@@ -14,6 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.admission import MemoryBudget
 from app.worker import DeviceWorker
 
 ENDPOINTS = ("/forward", "/backward", "/healthz", "/readyz", "/info", "/metrics")
@@ -42,6 +43,9 @@ class Metrics:
         self.dropped = Gauge(
             "conv_jobs_dropped", "Queued jobs dropped without running (deadline or client gone)", ["device"], registry=self.registry
         )
+        self.inflight_bytes = Gauge(
+            "conv_inflight_bytes", "Bytes held by requests in progress (CONV_MAX_INFLIGHT_BYTES admission)", registry=self.registry
+        )
         self.memory = Gauge(
             "conv_device_memory_bytes", "Device memory: CUDA allocated / reserved, CPU peak RSS", ["device", "kind"], registry=self.registry
         )
@@ -66,7 +70,9 @@ class Metrics:
         self._child(self.requests, endpoint, status, algorithm).inc()
         self._child(self.latency, endpoint).observe(seconds)
 
-    def render(self, workers: Iterable[DeviceWorker]) -> bytes:
+    def render(self, workers: Iterable[DeviceWorker], budget: MemoryBudget | None = None) -> bytes:
+        if budget is not None:
+            self.inflight_bytes.set(budget.held_bytes)
         for worker in workers:
             self.queue_depth.labels(worker.name).set(worker.queue_depth)
             self.busy.labels(worker.name).set(1 if worker.busy else 0)

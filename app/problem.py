@@ -52,6 +52,9 @@ class Problem:
     dtype: torch.dtype
     device: str
     macs: int
+    # Host bytes its tensors take while it runs (app/admission.py): inputs, output and gradients, and
+    # the oracle's copies of those with parity on.
+    memory_bytes: int
 
     @property
     def dtype_name(self) -> str:
@@ -191,4 +194,7 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
             f"algorithm 'reference' is limited to {settings.reference_max_macs:,} MACs (CONV_REFERENCE_MAX_MACS); "
             f"this problem needs {forward_macs:,}: use 'auto' or 'im2col'"
         )
-    return Problem(options, input, weight, bias, grad_output, dtype, device, work)
+    tensors = sum(tensor.numel() for tensor in (input, weight, bias, grad_output) if tensor is not None)
+    results = output_elements + (input.numel() + weight.numel() if backward else 0)
+    memory = torch.empty((), dtype=dtype).element_size() * (tensors + results * (2 if options.parity else 1))
+    return Problem(options, input, weight, bias, grad_output, dtype, device, work, memory)

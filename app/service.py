@@ -95,21 +95,24 @@ async def serve_conv(request: Request, backward: bool) -> Response:
     settings, workers, parser, metrics = state.settings, state.workers, state.parser, state.metrics
     check_api_key(request, settings)
     deadline = arrived_monotonic + settings.request_timeout_s
-    body = await read_body(request, settings, deadline)
-    decode_start = time.perf_counter()
-    problem = await parser.parse(body, backward, settings, list(workers), default_device(settings, workers))
-    del body
-    if problem.options.timeout_s is not None:
-        deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
-    timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-    try:
-        outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms)
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
-    elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
-    if elements <= INLINE_ENCODE_ELEMENTS:
-        parts = _encode(outcome, problem, timing_ms, arrived)
-    else:
-        parts = await run_in_threadpool(_encode, outcome, problem, timing_ms, arrived)
-    metrics.observe_stages(timing_ms)
-    return PartsResponse(parts, media_type="application/json")
+    # Held from before the body is read until the response is built (app/admission.py).
+    with state.budget.hold() as hold:
+        body = await read_body(request, settings, deadline, hold=hold)
+        decode_start = time.perf_counter()
+        problem = await parser.parse(body, backward, settings, list(workers), default_device(settings, workers))
+        del body
+        hold.resize(problem.memory_bytes)
+        if problem.options.timeout_s is not None:
+            deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
+        timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
+        try:
+            outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
+        if elements <= INLINE_ENCODE_ELEMENTS:
+            parts = _encode(outcome, problem, timing_ms, arrived)
+        else:
+            parts = await run_in_threadpool(_encode, outcome, problem, timing_ms, arrived)
+        metrics.observe_stages(timing_ms)
+        return PartsResponse(parts, media_type="application/json")

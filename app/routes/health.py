@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import MetricsDep, ParserDep, SettingsDep, WorkersDep
@@ -37,5 +37,5 @@ async def readyz(workers: WorkersDep, parser: ParserDep, settings: SettingsDep) 
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(registry: MetricsDep, workers: WorkersDep) -> Response:
-    return Response(registry.render(workers.values()), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, registry: MetricsDep, workers: WorkersDep) -> Response:
+    return Response(registry.render(workers.values(), request.app.state.budget), media_type=CONTENT_TYPE_LATEST)

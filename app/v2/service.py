@@ -48,29 +48,31 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     header_length = request.headers.get(HEADER_LENGTH)
     binary_offset = _binary_offset(header_length)
     # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
-    raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset)
-    decode_start = time.perf_counter()
-    arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
-    # Only the JSON part costs time to decode: binary tensors become views of the body.
-    json_length = min(len(raw), binary_offset or len(raw))
-    v2_request, problem = decode(*arguments) if json_length <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
-    del raw, arguments
-    if problem.options.timeout_s is not None:
-        deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
-    timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-    try:
-        outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms)
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
-    metrics.observe_stages(timing_ms)
-    # Unlike the native responses, "total" stops before encoding: the figures are part of what is encoded.
-    timing_ms["total"] = (time.perf_counter() - arrived) * 1e3
-    encode_args = (model, v2_request, outcome, problem, timing_ms)
-    # Binary outputs are sent from the tensors' memory: only JSON numbers make encoding worth a thread.
-    if text_elements(model, v2_request, outcome) <= INLINE_ENCODE_ELEMENTS:
-        parts, header_length = encode_response(*encode_args)
-    else:
-        parts, header_length = await run_in_threadpool(encode_response, *encode_args)
-    if header_length is None:
-        return PartsResponse(parts, media_type="application/json")
-    return PartsResponse(parts, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+    with request.app.state.budget.hold() as hold:  # app/admission.py
+        raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset, hold=hold)
+        decode_start = time.perf_counter()
+        arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
+        # Only the JSON part costs time to decode: binary tensors become views of the body.
+        json_length = min(len(raw), binary_offset or len(raw))
+        v2_request, problem = decode(*arguments) if json_length <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
+        del raw, arguments
+        hold.resize(problem.memory_bytes)
+        if problem.options.timeout_s is not None:
+            deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
+        timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
+        try:
+            outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        metrics.observe_stages(timing_ms)
+        # Unlike the native responses, "total" stops before encoding: the figures are part of what is encoded.
+        timing_ms["total"] = (time.perf_counter() - arrived) * 1e3
+        encode_args = (model, v2_request, outcome, problem, timing_ms)
+        # Binary outputs are sent from the tensors' memory: only JSON numbers make encoding worth a thread.
+        if text_elements(model, v2_request, outcome) <= INLINE_ENCODE_ELEMENTS:
+            parts, header_length = encode_response(*encode_args)
+        else:
+            parts, header_length = await run_in_threadpool(encode_response, *encode_args)
+        if header_length is None:
+            return PartsResponse(parts, media_type="application/json")
+        return PartsResponse(parts, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

@@ -1,0 +1,60 @@
+"""Memory admission: the bytes that requests in progress hold, against CONV_MAX_INFLIGHT_BYTES.
+
+Each request is bounded on its own (body, elements, MACs), but nothing bounded how many of them
+hold memory at once: 32 clients sending 59 MB bodies together took a server to 4.2 GB, and more of
+them would take any host down. A request reserves its body's declared length before reading it (or
+what has arrived, for a body without Content-Length), then, once decoded, the bytes its tensors,
+outputs and gradients take; past the limit it is answered 503 + Retry-After at once, as a full queue
+is. One request is always admitted when no other holds memory, however large (its own limits bound it),
+so a limit below one request's size slows the server down but never locks a request out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.errors import Unavailable
+
+
+class MemoryBudget:
+    """Bytes held by requests in progress in this process (single event loop: no lock needed)."""
+
+    def __init__(self, limit_bytes: int, retry_after_s: int = 1) -> None:
+        self.limit_bytes = limit_bytes
+        self.retry_after_s = retry_after_s
+        self.held_bytes = 0
+        self.holders = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[Hold]:
+        """A reservation of 0 bytes that the request grows with `Hold.resize`, released on exit."""
+        hold = Hold(self)
+        self.holders += 1
+        try:
+            yield hold
+        finally:
+            self.holders -= 1
+            self.held_bytes -= hold.nbytes
+
+
+class Hold:
+    """One request's share of a MemoryBudget."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.nbytes = 0
+
+    def resize(self, nbytes: int) -> None:
+        """Hold `nbytes` from now on; 503 if that would pass the limit while other requests hold memory."""
+        budget = self.budget
+        others = budget.held_bytes - self.nbytes
+        if nbytes > self.nbytes and others > 0 and others + nbytes > budget.limit_bytes:
+            raise Unavailable(
+                f"the server is holding {others / 2**20:,.0f} MiB for requests in progress and this one needs "
+                f"{nbytes / 2**20:,.1f} MiB more than the limit allows ({budget.limit_bytes / 2**20:,.0f} MiB, "
+                "CONV_MAX_INFLIGHT_BYTES); retry later",
+                budget.retry_after_s,
+            )
+        budget.held_bytes = others + nbytes
+        self.nbytes = nbytes

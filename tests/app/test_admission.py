@@ -1,0 +1,100 @@
+"""CONV_MAX_INFLIGHT_BYTES (app/admission.py): the memory requests in progress hold together is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+import torch
+
+from app.admission import MemoryBudget
+from app.errors import Unavailable
+from tests.app.conftest import running
+from tests.app.test_errors import block, until
+
+MiB = 1 << 20
+pytestmark = pytest.mark.anyio
+
+
+def test_a_request_alone_is_admitted_whatever_its_size() -> None:
+    budget = MemoryBudget(limit_bytes=1000)
+    with budget.hold() as hold:
+        hold.resize(5000)
+        assert budget.held_bytes == 5000
+    assert budget.held_bytes == 0 and budget.holders == 0
+
+
+def test_past_the_limit_with_others_holding_is_503_with_retry_after() -> None:
+    budget = MemoryBudget(limit_bytes=1000, retry_after_s=7)
+    with budget.hold() as first, budget.hold() as second:
+        first.resize(600)
+        second.resize(400)  # exactly at the limit: admitted
+        with pytest.raises(Unavailable, match="CONV_MAX_INFLIGHT_BYTES") as refused:
+            second.resize(401)
+        assert refused.value.headers == {"Retry-After": "7"}
+        assert budget.held_bytes == 1000, "a refused resize keeps what the request held"
+        second.resize(10)  # shrinking is always allowed
+        first.resize(990)
+        assert budget.held_bytes == 1000
+    assert budget.held_bytes == 0
+
+
+def test_the_hold_is_released_when_the_request_fails() -> None:
+    budget = MemoryBudget(limit_bytes=1000)
+    with pytest.raises(RuntimeError), budget.hold() as hold:
+        hold.resize(800)
+        raise RuntimeError("the request failed")
+    assert budget.held_bytes == 0 and budget.holders == 0
+
+
+def _b64_input(size: int) -> dict:
+    data = torch.randn(1, 1, size, size)
+    return {"shape": list(data.shape), "dtype": "float32", "b64": base64.b64encode(data.numpy().tobytes()).decode()}
+
+
+async def test_a_second_request_past_the_limit_is_503_before_its_body_is_read() -> None:
+    # The first request (a 400x400 input: 640 kB, with its output and the oracle's ~1.9 MB) is held in the
+    # queue behind a blocked worker; the second would pass the 1 MiB limit and is refused at once.
+    first_body = {"input": _b64_input(400), "weight": [[[[1.0]]]], "encoding": "base64"}
+    async with running(max_inflight_bytes=MiB, retry_after_s=3, inline_macs=0) as (app, client):
+        worker, budget = app.state.workers["cpu"], app.state.budget
+        release = block(worker)
+        await until(lambda: worker.busy)
+        first = asyncio.create_task(client.post("/forward", json=first_body))
+        await until(lambda: worker.queue_depth == 1)
+        assert budget.held_bytes > MiB
+        refused = await client.post("/forward", json={"input": [[[[1.0]]]], "weight": [[[[2.0]]]]})
+        metrics = (await client.get("/metrics")).text
+        release.set()
+        assert (await first).status_code == 200
+        after = await client.post("/forward", json={"input": [[[[1.0]]]], "weight": [[[[2.0]]]]})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert "CONV_MAX_INFLIGHT_BYTES" in refused.json()["detail"]
+    gauge = next(line for line in metrics.splitlines() if line.startswith("conv_inflight_bytes "))
+    assert float(gauge.split()[1]) > MiB, gauge
+    assert after.status_code == 200 and after.json()["output"] == [[[[2.0]]]]
+    assert budget.held_bytes == 0 and budget.holders == 0
+
+
+async def test_the_v2_route_shares_the_limit() -> None:
+    first_body = {"input": _b64_input(400), "weight": [[[[1.0]]]], "encoding": "base64"}
+    v2_body = {
+        "inputs": [
+            {"name": "INPUT", "datatype": "FP32", "shape": [1, 1, 1, 1], "data": [1.0]},
+            {"name": "WEIGHT", "datatype": "FP32", "shape": [1, 1, 1, 1], "data": [2.0]},
+        ]
+    }
+    async with running(max_inflight_bytes=MiB, retry_after_s=3, inline_macs=0) as (app, client):
+        worker = app.state.workers["cpu"]
+        release = block(worker)
+        await until(lambda: worker.busy)
+        first = asyncio.create_task(client.post("/forward", json=first_body))
+        await until(lambda: worker.queue_depth == 1)
+        refused = await client.post("/v2/models/conv2d/infer", json=v2_body)
+        release.set()
+        assert (await first).status_code == 200
+        after = await client.post("/v2/models/conv2d/infer", json=v2_body)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert "CONV_MAX_INFLIGHT_BYTES" in refused.json()["error"]
+    assert after.status_code == 200 and after.json()["outputs"][0]["data"] == [2.0]
