@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
     max_inflight_bytes: int = Field(
-        1 << 30,
+        2 << 30,
         ge=MiB,
         description="Memory that the requests in progress may hold together, per server process: bodies as they arrive, "
         "then their tensors, outputs and gradients. A request that would pass it is answered 503 + Retry-After before its body "

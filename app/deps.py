@@ -105,8 +105,8 @@ async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int
         size += len(chunk)
         if size > max_body_bytes:
             raise TooLarge(f"the body exceeds the limit of {max_body_bytes:,} bytes (CONV_MAX_BODY_BYTES)")
-        if hold is not None and size > hold.nbytes:  # a body without Content-Length, or longer than it said
-            hold.resize(size)
+        if hold is not None and size > hold.body_bytes:  # a body without Content-Length
+            hold.body(size)
         chunks.append(chunk)
     # Writable, so binary tensors (V2's binary extension) can be views of it instead of copies. The
     # buffer itself comes from malloc (16-byte aligned); `pad` leading bytes put binary_offset on the boundary.
@@ -131,7 +131,7 @@ async def read_body(
     the declared length up front, the rest as it arrives; 503 + Retry-After when the server holds too much already."""
     declared = _check_headers(request, settings.max_body_bytes, json_only)
     if hold is not None and declared:
-        hold.resize(declared)
+        hold.body(declared)
     body_deadline = time.monotonic() + settings.body_timeout_s
     try:
         async with asyncio.timeout(max(0.0, min(deadline, body_deadline) - time.monotonic())):

@@ -101,7 +101,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
         decode_start = time.perf_counter()
         problem = await parser.parse(body, backward, settings, list(workers), default_device(settings, workers))
         del body
-        hold.resize(problem.memory_bytes)
+        hold.problem(problem.memory_bytes)
         if problem.options.timeout_s is not None:
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}

@@ -56,7 +56,7 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
         json_length = min(len(raw), binary_offset or len(raw))
         v2_request, problem = decode(*arguments) if json_length <= INLINE_MAX_BYTES else await run_in_threadpool(decode, *arguments)
         del raw, arguments
-        hold.resize(problem.memory_bytes)
+        hold.problem(problem.memory_bytes)
         if problem.options.timeout_s is not None:
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}

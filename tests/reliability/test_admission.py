@@ -2,7 +2,7 @@
 requests in progress hold together stays bounded; the rest are answered 503 + Retry-After at once.
 
 Before the limit existed, 32 clients sending 59 MB bodies together took a default server to 4.2 GB; here,
-with the limit at 1 GiB (all 24 requests admitted) the peak RSS grew 1,582 MiB, at 16 MiB 317 MiB.
+with the limit at 4 GiB (all 24 requests admitted) the peak RSS grew 1,581 MiB, at 16 MiB 317 MiB.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ async def test_a_flood_of_large_bodies_holds_bounded_memory(admission_server) ->
     for response in responses:
         if response.status_code == 503:
             assert response.headers["retry-after"] and "CONV_MAX_INFLIGHT_BYTES" in response.json()["detail"]
-    # Measured with the limit at 1 GiB (all 24 admitted): the peak grew 1,582 MiB; at 16 MiB, 317 MiB.
+    # Measured with the limit at 4 GiB (all 24 admitted): the peak grew 1,581 MiB; at 16 MiB, 317 MiB.
     assert growth < 800 * MiB, f"peak RSS grew {growth // MiB} MiB"
     assert "conv_inflight_bytes 0.0" in metrics
     assert_healthy(admission_server)
