@@ -70,8 +70,8 @@ class Hold:
         if nbytes > self.nbytes and others > 0 and others + nbytes > budget.limit_bytes:
             raise Unavailable(
                 f"the server is holding {others / 2**20:,.0f} MiB for requests in progress and this one needs "
-                f"{nbytes / 2**20:,.1f} MiB more than the limit allows ({budget.limit_bytes / 2**20:,.0f} MiB, "
-                "CONV_MAX_INFLIGHT_BYTES); retry later",
+                f"{nbytes / 2**20:,.1f} MiB; together they would pass the limit of {budget.limit_bytes / 2**20:,.0f} MiB "
+                "(CONV_MAX_INFLIGHT_BYTES); retry later",
                 budget.retry_after_s,
             )
         budget.held_bytes = others + nbytes
