@@ -102,7 +102,7 @@ class Clock:
         return start.elapsed_time(end) / 1e3 / inner
 
 
-def _conv(provider: str, shape: Shape) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def conv_of(provider: str, shape: Shape) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     import kernels
 
     args = (None, shape.stride, shape.padding, 1, shape.groups)
@@ -115,10 +115,11 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-30)).item()
 
 
-def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.device, batch: int, reps: int) -> dict:
-    """{provider: {"fwd": s, "fwd_bwd": s, "error": max relative error vs cuDNN}} for one shape and mode."""
+def inputs(shape: Shape, mode: Mode, device: torch.device, batch: int, generator: torch.Generator):
+    """(x, w) channels_last in the mode's dtype, and their requires-grad copies with the leaves to differentiate.
+
+    Sets the mode's TF32 flags for both sides."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode.tf32
-    generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=generator)
     w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel, generator=generator)
     w = w / math.sqrt(w[0].numel())
@@ -126,11 +127,18 @@ def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.de
     w = w.to(device, mode.dtype).contiguous(memory_format=torch.channels_last)
     x_grad, w_grad = x.clone().requires_grad_(shape.input_grad), w.clone().requires_grad_()
     leaves = [x_grad, w_grad] if shape.input_grad else [w_grad]
+    return x, w, x_grad, w_grad, leaves
+
+
+def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.device, batch: int, reps: int) -> dict:
+    """{provider: {"fwd": s, "fwd_bwd": s, "error": max relative error vs cuDNN}} for one shape and mode."""
+    generator = torch.Generator().manual_seed(0)
+    x, w, x_grad, w_grad, leaves = inputs(shape, mode, device, batch, generator)
     clock = Clock(device)
 
     steps, results, reference, grad_output = {}, {}, None, None
     for provider in providers:
-        conv = _conv(provider, shape)
+        conv = conv_of(provider, shape)
         try:
             output = conv(x_grad, w_grad)
             if grad_output is None:

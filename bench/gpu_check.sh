@@ -29,10 +29,15 @@ EOF
 
 status=0
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    echo "== CUDA tests (every algorithm's parity on cuda, triton in float32/float16/bfloat16; ${TEST_SECONDS}s cap)"
-    # test_triton first: it is what this check is for; then the shared parity grid on cuda.
-    CONV_TRITON_AUTOTUNE=0 timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=20 -k cuda \
-        tests/kernels/test_triton.py tests/kernels/test_parity.py
+    # pytest-xdist, where the host has it, spreads the Triton compiles over the CPU cores (a cold
+    # Triton cache makes compiling, not running, most of this step).
+    workers=()
+    if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-12}"); fi
+    junit=()
+    if [ -n "${OUT:-}" ]; then junit=(--junitxml "$OUT/cuda_tests.xml"); fi
+    echo "== CUDA tests (every algorithm's parity on cuda, triton in float32/float16/bfloat16; ${TEST_SECONDS}s cap; ${workers[*]:-1 process})"
+    CONV_TRITON_AUTOTUNE=0 timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=200 --tb=short -rfE \
+        "${workers[@]}" "${junit[@]}" -k cuda tests/kernels
     rc=$?
     case $rc in
         0) echo "== CUDA tests: passed" ;;

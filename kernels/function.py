@@ -36,6 +36,23 @@ def _prefers_channels_last(tensor: torch.Tensor) -> bool:
     return True
 
 
+def _output_format(input: torch.Tensor, weight: torch.Tensor, padding_mode: str) -> torch.memory_format:
+    """The memory format nn.Conv2d gives its output (and input gradient) for these operands.
+
+    torch asks its conv backend (aten's _determine_backend_memory_format): channels_last when the
+    input it convolves or the weight suggests it, except on CUDA where cuDNN never takes float64
+    (and nothing else there returns channels_last). With a non-zero padding mode nn.Conv2d convolves
+    F.pad's result, whose layout depends on the mode and device: circular always allocates NCHW, and
+    CUDA's reflect/replicate kernels do too (CPU's keep the input's layout) - seen on the H200 run of
+    bench/gpu_check.sh and on this CPU build. This is a layout question only: no torch conv is called.
+    """
+    if input.device.type == "cuda" and (input.dtype == torch.float64 or weight.dtype == torch.float64 or not torch.backends.cudnn.enabled):
+        return torch.contiguous_format
+    padded_keeps_layout = padding_mode == "zeros" or (padding_mode != "circular" and input.device.type == "cpu")
+    channels_last = (padded_keeps_layout and _prefers_channels_last(input)) or _prefers_channels_last(weight)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _in_format(tensor: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """`tensor` laid out in `memory_format`, with the strides torch would give it.
 
@@ -100,14 +117,14 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
         weight.stride(),
         repr(algorithm),
         torch.get_num_threads(),
+        torch.backends.cudnn.enabled,
         get_limits(),
     )
     plan = _PLANS.get(key)
     if plan is None:
         spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
         chosen = resolve(algorithm, batched, weight, spec)
-        channels_last = _prefers_channels_last(batched) or _prefers_channels_last(weight)
-        plan = _PLANS.remember(key, (spec, chosen, torch.channels_last if channels_last else torch.contiguous_format))
+        plan = _PLANS.remember(key, (spec, chosen, _output_format(batched, weight, padding_mode)))
     return plan
 
 
@@ -126,7 +143,7 @@ def conv2d(
 
     input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in/groups, kH, kW);
     bias (C_out,) or None. Returns (N, C_out, H_out, W_out) (or (C_out, H_out, W_out)) in input's dtype,
-    channels_last when input or weight is.
+    in the memory format nn.Conv2d would give it (`_output_format`).
     """
     for value, name in ((input, "input"), (weight, "weight")):
         if not isinstance(value, torch.Tensor):

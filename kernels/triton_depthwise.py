@@ -18,6 +18,7 @@ import triton.language as tl
 
 from kernels.triton_grad_input import stride_phases
 from kernels.triton_grad_weight import choose_splits, sum_splits
+from kernels.triton_launch import cdiv, launch
 from kernels.triton_tuning import bench_options, depthwise_configs, jit, prune
 
 
@@ -240,13 +241,12 @@ def depthwise_forward(input_nhwc, weight_taps, bias, output_nhwc, spec, kernel_s
     rows = batch * out_height * out_width
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_P"]), triton.cdiv(out_channels, meta["BLOCK_C"]))
+        return (cdiv(rows, meta["BLOCK_P"]), cdiv(out_channels, meta["BLOCK_C"]))
 
-    _dw_fwd_kernel[grid](
-        input_nhwc,
-        weight_taps,
-        bias if bias is not None else weight_taps,
-        output_nhwc,
+    launch(
+        _dw_fwd_kernel,
+        grid,
+        (input_nhwc, weight_taps, bias if bias is not None else weight_taps, output_nhwc),
         rows,
         height,
         width,
@@ -277,14 +277,14 @@ def depthwise_grad_input(grad_output_nhwc, weight_taps, grad_input_nhwc, spec, k
         rows = batch * phase.phase_rows * phase.phase_cols
 
         def grid(meta, rows=rows):
-            return (triton.cdiv(rows, meta["BLOCK_P"]), triton.cdiv(in_channels, meta["BLOCK_C"]))
+            return (cdiv(rows, meta["BLOCK_P"]), cdiv(in_channels, meta["BLOCK_C"]))
 
-        _dw_grad_input_kernel[grid](
-            grad_output_nhwc,
-            weight_taps,
-            grad_input_nhwc,
+        launch(
+            _dw_grad_input_kernel,
+            grid,
+            (grad_output_nhwc, weight_taps, grad_input_nhwc),
             rows,
-            *phase.kernel_args(),
+            *phase.kernel_args,
             height,
             width,
             out_height,
@@ -307,16 +307,16 @@ def depthwise_grad_weight(input_nhwc, grad_output_nhwc, spec, weight_shape: torc
     _, out_height, out_width, out_channels = grad_output_nhwc.shape
     taps = kernel_size[0] * kernel_size[1]
     rows = batch * out_height * out_width
-    splits, rows_per_split = choose_splits(rows, triton.cdiv(out_channels, 64) * taps, input_nhwc.device)
+    splits, rows_per_split = choose_splits(rows, cdiv(out_channels, 64) * taps, input_nhwc.device)
     workspace = torch.empty(splits, taps, out_channels, device=input_nhwc.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(out_channels, meta["BLOCK_C"]), taps, splits)
+        return (cdiv(out_channels, meta["BLOCK_C"]), taps, splits)
 
-    _dw_grad_weight_kernel[grid](
-        input_nhwc,
-        grad_output_nhwc,
-        workspace,
+    launch(
+        _dw_grad_weight_kernel,
+        grid,
+        (input_nhwc, grad_output_nhwc, workspace),
         rows,
         rows_per_split,
         splits,

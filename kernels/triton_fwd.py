@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import cdiv, launch
 from kernels.triton_tuning import bench_options, configs, jit, prune
 
 
@@ -24,7 +25,7 @@ def _extents(args: dict) -> dict[str, int]:
 
 @triton.autotune(
     configs=configs(),
-    key=["rows", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "stride_h", "stride_w"],
+    key=["rows", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "stride_h", "stride_w", "FLAT_K", "PRECISION"],
     prune_configs_by=prune(_extents),
     **bench_options(),
 )
@@ -143,14 +144,13 @@ def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size
     out_per_group = out_channels // groups
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_per_group, meta["BLOCK_N"]), groups)
+        return (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_per_group, meta["BLOCK_N"]), groups)
 
     stride_n, stride_h, stride_w, stride_c = input_nhwc.stride()
-    _fwd_kernel[grid](
-        input_nhwc,
-        weight_matrix,
-        bias if bias is not None else weight_matrix,
-        output_nhwc,
+    launch(
+        _fwd_kernel,
+        grid,
+        (input_nhwc, weight_matrix, bias if bias is not None else weight_matrix, output_nhwc),
         rows,
         height,
         width,

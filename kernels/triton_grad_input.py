@@ -13,12 +13,14 @@ grad_output") formulation without the zeros: stride**2 less work.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import cdiv, launch
 from kernels.triton_tuning import bench_options, configs, jit, prune
 
 
@@ -29,7 +31,7 @@ def _extents(args: dict) -> dict[str, int]:
 
 @triton.autotune(
     configs=configs(),
-    key=["rows", "in_per_group", "out_per_group", "taps_h", "taps_w"],
+    key=["rows", "in_per_group", "out_per_group", "taps_h", "taps_w", "FLAT_K", "PRECISION"],
     prune_configs_by=prune(_extents),
     **bench_options(),
 )
@@ -169,12 +171,14 @@ class Phase:
     oh_step: int
     ow_step: int
 
+    @functools.cached_property  # the phases are cached per layer: so is this, read on every launch
     def kernel_args(self) -> tuple[int, ...]:
         """The phase's arguments in kernel order (phase_rows ... ow_step)."""
-        return astuple(self)
+        return tuple(getattr(self, field.name) for field in fields(self))
 
 
-def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -> list[Phase]:
+@functools.lru_cache(maxsize=1024)
+def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -> tuple[Phase, ...]:
     """The stride phases that hold input pixels, which partition them: min(stride, size) per axis.
 
     Walked by first pixel (first_row < min(stride_h, height)), not by phase: a stride far past the
@@ -186,7 +190,7 @@ def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -
     for first_col in range(min(stride_w, width)):
         phase_w = (first_col + left) % stride_w
         columns.append((first_col, _phase_taps(phase_w, stride_w, dil_w, kernel_w)))
-    phases = []
+    phases = []  # returned as a tuple: the result is cached (a layer's backward asks again every step)
     for first_row in range(min(stride_h, height)):
         tap0_h, tap_step_h, taps_h = _phase_taps((first_row + top) % stride_h, stride_h, dil_h, kernel_h)
         for first_col, (tap0_w, tap_step_w, taps_w) in columns:
@@ -209,7 +213,7 @@ def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -
                     ow_step=tap_step_w * dil_w // stride_w,
                 )
             )
-    return phases
+    return tuple(phases)
 
 
 def conv_grad_input(grad_output_nhwc, weight_t, grad_input_nhwc, spec, flat_k: bool, precision: str) -> None:
@@ -230,14 +234,14 @@ def conv_grad_input(grad_output_nhwc, weight_t, grad_input_nhwc, spec, flat_k: b
         rows = batch * phase.phase_rows * phase.phase_cols
 
         def grid(meta, rows=rows):
-            return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(in_per_group, meta["BLOCK_N"]), groups)
+            return (cdiv(rows, meta["BLOCK_M"]) * cdiv(in_per_group, meta["BLOCK_N"]), groups)
 
-        _grad_input_kernel[grid](
-            grad_output_nhwc,
-            weight_t,
-            grad_input_nhwc,
+        launch(
+            _grad_input_kernel,
+            grid,
+            (grad_output_nhwc, weight_t, grad_input_nhwc),
             rows,
-            *phase.kernel_args(),
+            *phase.kernel_args,
             height,
             width,
             out_height,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import cdiv, launch
 from kernels.triton_tuning import bench_options, configs, interpreting, jit, prune
 
 
@@ -25,7 +26,7 @@ def _extents(args: dict) -> dict[str, int]:
 
 @triton.autotune(
     configs=configs(),
-    key=["rows_per_split", "splits", "in_per_group", "out_per_group", "kernel_h", "kernel_w"],
+    key=["rows_per_split", "splits", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "FLAT_K", "PRECISION"],
     prune_configs_by=prune(_extents),
     **bench_options(),
 )
@@ -157,6 +158,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every backward; ~40 us of Python
 def choose_splits(rows: int, tiles: int, device: torch.device, max_splits: int = 256) -> tuple[int, int]:
     """(splits, rows_per_split): enough programs to fill the GPU, a fixed function of the shapes.
 
@@ -165,13 +167,13 @@ def choose_splits(rows: int, tiles: int, device: torch.device, max_splits: int =
     """
     if interpreting():
         # Small chunks so the CPU tests exercise several splits on small shapes.
-        rows_per_split = max(32, triton.cdiv(rows, 4))
+        rows_per_split = max(32, cdiv(rows, 4))
     else:
         programs = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        splits = max(1, min(256, max_splits, triton.cdiv(programs, tiles), triton.cdiv(rows, 1024)))
-        rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 128) * 128
+        splits = max(1, min(256, max_splits, cdiv(programs, tiles), cdiv(rows, 1024)))
+        rows_per_split = cdiv(cdiv(rows, splits), 128) * 128
     rows_per_split = max(1, rows_per_split)
-    return triton.cdiv(rows, rows_per_split), rows_per_split
+    return cdiv(rows, rows_per_split), rows_per_split
 
 
 def conv_grad_weight(
@@ -188,21 +190,21 @@ def conv_grad_weight(
     kernel_h, kernel_w = weight_shape[2], weight_shape[3]
     reduction = kernel_h * kernel_w * in_per_group
     rows = batch * out_height * out_width
-    tiles = triton.cdiv(reduction, 64) * triton.cdiv(out_per_group, 64) * groups
+    tiles = cdiv(reduction, 64) * cdiv(out_per_group, 64) * groups
     splits, rows_per_split = choose_splits(rows, tiles, input_nhwc.device, max_splits=65535 // groups)
     workspace = torch.empty(splits, groups, reduction, out_per_group, device=input_nhwc.device, dtype=torch.float32)
 
     def grid(meta):
         if flat_k:
-            tiles_m = triton.cdiv(reduction, meta["BLOCK_M"])
+            tiles_m = cdiv(reduction, meta["BLOCK_M"])
         else:
-            tiles_m = kernel_h * kernel_w * triton.cdiv(in_per_group, meta["BLOCK_M"])
-        return (tiles_m, triton.cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
+            tiles_m = kernel_h * kernel_w * cdiv(in_per_group, meta["BLOCK_M"])
+        return (tiles_m, cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
 
-    _grad_weight_kernel[grid](
-        input_nhwc,
-        grad_output_nhwc,
-        workspace,
+    launch(
+        _grad_weight_kernel,
+        grid,
+        (input_nhwc, grad_output_nhwc, workspace),
         rows,
         rows_per_split,
         splits,
@@ -237,6 +239,6 @@ def sum_splits(workspace: torch.Tensor, weight_shape: torch.Size, dtype: torch.d
     grad_weight = torch.empty(weight_shape, device=workspace.device, dtype=dtype)
     size = grad_weight.numel()
     block = 1024
-    grid = (triton.cdiv(size, block),)
-    _sum_splits_kernel[grid](workspace, grad_weight, splits, size, taps, in_per_group, out_per_group, BLOCK=block)
+    grid = (cdiv(size, block),)
+    launch(_sum_splits_kernel, grid, (workspace, grad_weight), splits, size, taps, in_per_group, out_per_group, BLOCK=block)
     return grad_weight

@@ -120,6 +120,10 @@ CASES = [
     Case(
         "channels_last_groups_reflect", layout="channels_last", in_channels=4, out_channels=4, groups=2, padding=1, padding_mode="reflect"
     ),
+    # The padded input's layout decides the output's: F.pad keeps channels_last for reflect/replicate on
+    # CPU only, and circular never does.
+    Case("channels_last_circular", layout="channels_last", padding=(1, 2), padding_mode="circular"),
+    Case("channels_last_replicate_zero_pad", layout="channels_last", padding=0, padding_mode="replicate"),
     Case("channels_last_depthwise", layout="channels_last", in_channels=4, out_channels=8, groups=4),
     Case("channels_last_single_channel", layout="channels_last", in_channels=1, out_channels=3, padding=1),
     Case("channels_last_weight_single_channel", layout="channels_last_weight", in_channels=1, out_channels=2, kernel_size=(2, 3)),

@@ -56,7 +56,15 @@ def test_gradcheck(case, algorithm, dtype, device):
     assert torch.autograd.gradcheck(conv_of_leaves(case, algorithm), leaves, fast_mode=True)
 
 
+# gradgradcheck also runs the double backward twice and demands bitwise-equal results unless told
+# otherwise. On CUDA the backward of our gathers (index_select, as_strided windows) is an atomic
+# scatter-add whose order varies run to run: the H200 run saw float64 differences at rounding level.
+# That is order, not error: the finite-difference comparison itself keeps its usual tolerance.
+CUDA_NONDETERMINISM = 1e-12
+
+
 @pytest.mark.parametrize(("case", "algorithm", "dtype", "device"), GRID)
 def test_gradgradcheck(case, algorithm, dtype, device):
     leaves = tuple(leaf for leaf in make_inputs(case, dtype, device) if leaf is not None)
-    assert torch.autograd.gradgradcheck(conv_of_leaves(case, algorithm), leaves, fast_mode=True)
+    nondet_tol = CUDA_NONDETERMINISM if device == "cuda" else 0.0
+    assert torch.autograd.gradgradcheck(conv_of_leaves(case, algorithm), leaves, fast_mode=True, nondet_tol=nondet_tol)

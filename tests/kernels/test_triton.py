@@ -18,7 +18,7 @@ import kernels  # noqa: E402
 from kernels.base import UnsupportedProblem  # noqa: E402
 from kernels.tolerances import tolerance  # noqa: E402
 from tests.kernels.cases import CASES, CUDA, Case, grads, layout_flags, make_inputs, our_conv, seeded, torch_conv  # noqa: E402
-from tests.kernels.op_spy import OpSpy, forbidden, multiplies
+from tests.kernels.op_spy import OpSpy, forbidden, launches, multiplies
 
 if "triton" not in kernels.names():
     pytest.skip("kernels.triton_conv failed to import", allow_module_level=True)
@@ -71,9 +71,9 @@ def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda message: f"{name}: {message}")
 
 
-def check_case(case: Case, dtype: torch.dtype, device: str) -> None:
+def check_case(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> None:
     """Output, grad_input, grad_weight, grad_bias vs nn.Conv2d in float64 on the same rounded inputs."""
-    input, weight, bias = make_inputs(case, dtype, device)
+    input, weight, bias = make_inputs(case, dtype, device, seed)
     leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
     output = our_conv(case, input, weight, bias, "triton")
     same_dtype = torch_conv(case, input, weight, bias)
@@ -107,6 +107,41 @@ def test_cuda(case, dtype, device, ieee_float32):
     check_case(case, dtype, device)
 
 
+REPEATED_CASES = [c for c in ALL_CASES if c.id in ("basic", "stem_c3_7x7_s2", "stride3_dilation2", "depthwise_stride2", "groups_per_tap")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("case", REPEATED_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=GPU)])
+def test_repeated_calls_launch_the_compiled_kernel_directly(case, dtype, device, ieee_float32, monkeypatch):
+    """kernels/triton_launch.py: a key's first launch goes through Triton, later ones launch its compiled kernel
+    with the new call's tensors. Calls on fresh data each match the oracle, and none goes through Triton again."""
+    from kernels import triton_launch
+
+    check_case(case, dtype, device, seed=0)
+    through_triton = []
+    first_launch = triton_launch._first_launch
+    monkeypatch.setattr(triton_launch, "_first_launch", lambda kernel, *rest: through_triton.append(kernel) or first_launch(kernel, *rest))
+    for seed in (1, 2):
+        check_case(case, dtype, device, seed=seed)
+    assert through_triton == []
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=GPU)])
+def test_an_unaligned_input_gets_its_own_compiled_kernel(device, ieee_float32):
+    """Triton compiles 16-byte-aligned pointers into vector loads: a channels-last input 4 bytes off alignment
+    (used as is, no copy) after an aligned one of the same shape must not reuse the aligned kernel."""
+    case = Case("aligned_then_not", in_channels=16, out_channels=16, padding=1, size=(6, 6), layout="channels_last")
+    input, weight, bias = make_inputs(case, torch.float32, device)
+    batch, channels, height, width = input.shape
+    shifted = torch.empty(input.numel() + 1, device=device)[1:].view(batch, height, width, channels)
+    unaligned = shifted.copy_(input.detach().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert unaligned.data_ptr() % 16 != 0 and unaligned.is_contiguous(memory_format=torch.channels_last)
+    exact = torch_conv(case, input.detach().double(), weight.detach().double(), bias.detach().double())
+    for x in (input.detach(), unaligned, input.detach()):
+        assert_parity("output", our_conv(case, x, weight.detach(), bias.detach(), "triton"), exact, torch.float32)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
 def test_grad_weight_is_deterministic(device):
     """Split-K partials are summed in split order: two runs give bitwise-equal grad_weight."""
@@ -128,6 +163,11 @@ def test_math_runs_in_triton_not_torch(case, device):
         torch.autograd.grad(output, [input, weight, bias], torch.ones_like(output))
     assert forbidden(spy.ops) == [], f"torch conv ops in {sorted(set(spy.ops))}"
     assert multiplies(spy.ops) == [], f"torch multiplies in {sorted(set(spy.ops))}"
+    assert {"triton.conv_forward", "triton.conv_grad_input", "triton.conv_grad_weight"} <= set(launches(spy.ops)) or {
+        "triton.depthwise_forward",
+        "triton.depthwise_grad_input",
+        "triton.depthwise_grad_weight",
+    } <= set(launches(spy.ops)), f"not every pass launched our kernels: {launches(spy.ops)}"
     assert any("sum" in op for op in spy.ops), "the spy saw nothing (grad_bias's sum should be there)"
 
 
