@@ -33,11 +33,15 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
     # Triton cache makes compiling, not running, most of this step).
     workers=()
     if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-12}"); fi
+    # The service's CUDA tests need its own dependencies (fastapi, pydantic-settings, orjson, uvicorn),
+    # which a bare GPU host may lack: run them where they import.
+    service=()
+    if "$PYTHON" -c "import fastapi, pydantic_settings, orjson, uvicorn" 2>/dev/null; then service=(tests/app/test_cuda.py); fi
     junit=()
     if [ -n "${OUT:-}" ]; then junit=(--junitxml "$OUT/cuda_tests.xml"); fi
-    echo "== CUDA tests (every algorithm's parity on cuda, triton in float32/float16/bfloat16; ${TEST_SECONDS}s cap; ${workers[*]:-1 process})"
+    echo "== CUDA tests (every algorithm's parity on cuda, triton in float32/float16/bfloat16${service[*]:+, the service on cuda}; ${TEST_SECONDS}s cap; ${workers[*]:-1 process})"
     CONV_TRITON_AUTOTUNE=0 timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=200 --tb=short -rfE \
-        "${workers[@]}" "${junit[@]}" -k cuda tests/kernels
+        "${workers[@]}" "${junit[@]}" -k cuda tests/kernels "${service[@]}"
     rc=$?
     case $rc in
         0) echo "== CUDA tests: passed" ;;
