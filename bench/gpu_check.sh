@@ -5,7 +5,11 @@
 #
 #   bash bench/gpu_check.sh [results.md]        # default results/gpu_check.md (and $OUT/ if OUT is set)
 #
-# Time: made to finish in under 6 minutes on an H100. The tests run without autotuning
+# The service's CUDA tests (tests/app/test_cuda.py) run too where fastapi & co import: a bare GPU host
+# gets them as wheels from bench/gpu_wheels.sh (see docs/gpu.md, "Running the GPU check").
+#
+# Time: made to finish in under 6 minutes on an H100 (on an H200, 2026-11-27: tests 45-52 s with 12
+# xdist workers, benchmark 50-62 s). The tests run without autotuning
 # (CONV_TRITON_AUTOTUNE=0: one config per kernel, far fewer compiles) under TEST_SECONDS; the benchmark
 # starts no new shape after BENCH_BUDGET seconds and is killed at BENCH_SECONDS. Whatever was cut is
 # printed, not hidden.

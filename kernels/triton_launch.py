@@ -8,8 +8,8 @@ call against 0.1-0.2 ms of kernels, so the GPU sat idle; Triton's path was ~100 
 `launch(kernel, grid, tensors, *scalars, **constexprs)` does what
 `kernel[grid](*tensors, *scalars, **constexprs)` does. The first call with a given key goes through
 Triton (tuning and compiling as usual); later calls launch the CompiledKernel Triton chose, directly.
-The key holds everything a compile or a tuning choice depends on: each tensor's dtype and 16-byte
-alignment, every scalar's exact value and the constexprs (scalars that vary per call would only cost
+The key holds everything a compile or a tuning choice depends on: each tensor's dtype, 16-byte
+alignment and device (a compiled kernel is loaded per device), every scalar's exact value and the constexprs (scalars that vary per call would only cost
 a pass through Triton's path each; ours are shapes, strides and phase offsets, fixed per layer).
 
 Triton's launch hooks (triton.knobs.runtime.launch_enter_hook / launch_exit_hook, used by its
@@ -51,7 +51,7 @@ def launch(kernel, grid: Callable[[dict], tuple] | tuple, tensors: tuple[torch.T
     if _INTERPRETED or not _SUPPORTED:
         kernel[grid](*tensors, *scalars, **constexprs)
         return
-    key = (id(kernel), tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors), scalars, tuple(constexprs.items()))
+    key = (id(kernel), tuple((t.dtype, t.data_ptr() % 16 == 0, t.get_device()) for t in tensors), scalars, tuple(constexprs.items()))
     found = _COMPILED.get(key)
     if found is None:
         _first_launch(kernel, grid, tensors, scalars, constexprs, key)

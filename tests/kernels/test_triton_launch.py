@@ -85,9 +85,22 @@ def test_first_call_goes_through_triton_later_ones_launch_the_compiled_kernel(co
     assert compiled.runs == [((2, 1, 1), 7, (x, y, 100, True, 64, 4))] * 2
 
 
+class OnDevice:
+    """A tensor's stand-in on another device (what the key reads: dtype, data_ptr, get_device)."""
+
+    def __init__(self, tensor: torch.Tensor, device: int) -> None:
+        self.dtype, self.tensor, self.device = tensor.dtype, tensor, device
+
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    def get_device(self) -> int:
+        return self.device
+
+
 @pytest.mark.parametrize(
     "change",
-    ["dtype", "alignment", "scalar", "constexpr"],
+    ["dtype", "alignment", "device", "scalar", "constexpr"],
 )
 def test_what_triton_specialises_on_is_in_the_key(compiled_path, change):
     kernel, x, y = Autotuned(), torch.zeros(64), torch.zeros(64)
@@ -95,6 +108,7 @@ def test_what_triton_specialises_on_is_in_the_key(compiled_path, change):
     other = {
         "dtype": lambda: triton_launch.launch(kernel, grid, (x.half(), y), 100, HAS_BIAS=True),
         "alignment": lambda: triton_launch.launch(kernel, grid, (x[1:], y), 100, HAS_BIAS=True),
+        "device": lambda: triton_launch.launch(kernel, grid, (OnDevice(x, 1), y), 100, HAS_BIAS=True),
         "scalar": lambda: triton_launch.launch(kernel, grid, (x, y), 101, HAS_BIAS=True),
         "constexpr": lambda: triton_launch.launch(kernel, grid, (x, y), 100, HAS_BIAS=False),
     }[change]
