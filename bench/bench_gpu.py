@@ -8,6 +8,7 @@ ratios ours / cuDNN per shape and dtype plus geomeans, and writes it to --result
 A wall-clock --budget stops starting new shapes so the whole run fits a short GPU lease.
 
     PYTHONPATH=. python3 -m bench.bench_gpu --results results/gpu_check.md
+    PYTHONPATH=. python3 -m bench.bench_gpu --graphs --results results/gpu_graphs.md   # GPU work alone
     TRITON_INTERPRET=1 .venv/bin/python -m bench.bench_gpu --dry-run     # CPU plumbing check, tiny shapes
 
 A benchmark, not a test: it asserts nothing about speed. It does record each provider's error against
@@ -130,8 +131,27 @@ def inputs(shape: Shape, mode: Mode, device: torch.device, batch: int, generator
     return x, w, x_grad, w_grad, leaves
 
 
-def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.device, batch: int, reps: int) -> dict:
-    """{provider: {"fwd": s, "fwd_bwd": s, "error": max relative error vs cuDNN}} for one shape and mode."""
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` captured once into a CUDA graph (after a warm-up on a side stream, as torch's docs ask); its replay.
+
+    What a user who captures a training step gets: the kernels without the Python and launch cost
+    of issuing them, so ours / cuDNN then compares the GPU work alone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.device, batch: int, reps: int, graphs: bool = False) -> dict:
+    """{provider: {"fwd": s, "fwd_bwd": s, "error": max relative error vs cuDNN}} for one shape and mode.
+
+    graphs: time replays of each call captured in a CUDA graph instead of the calls themselves."""
     generator = torch.Generator().manual_seed(0)
     x, w, x_grad, w_grad, leaves = inputs(shape, mode, device, batch, generator)
     clock = Clock(device)
@@ -163,6 +183,14 @@ def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.de
             torch.autograd.grad(conv(x_grad, w_grad), leaves, grad_output)
 
         steps[provider] = {"fwd": forward, "fwd_bwd": forward_backward}
+        if graphs and device.type == "cuda":
+            try:
+                steps[provider] = {kind: graphed(step) for kind, step in steps[provider].items()}
+            except Exception as error:  # a provider that cannot be captured is reported, not fatal
+                if provider == CUDNN:
+                    raise
+                print(f"  {provider} could not be captured on {shape.name} {mode.label}: {type(error).__name__}: {error}", flush=True)
+                del steps[provider], results[provider]
 
     # Warm-up (autotuning, cudnn.benchmark, caches), then ~2 ms of calls per timed sample.
     inner = {}
@@ -283,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per provider (median reported)")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new shape is started")
     parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check: tiny shapes, batch 2, 1 rep, Triton interpreter")
+    parser.add_argument("--graphs", action="store_true", help="time CUDA-graph replays of each call (the GPU work without host cost)")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -302,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     modes = _modes(args.fp32, args.dry_run)
     torch.backends.cudnn.benchmark = True
     environment = _environment(device)
+    if args.graphs and not args.dry_run:
+        environment += "; CUDA graphs: every call captured once and replayed (kernels only, no host cost)"
     print(environment, flush=True)
 
     started, rows, skipped = time.monotonic(), [], []
@@ -310,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             if time.monotonic() - started > args.budget:
                 skipped.append(f"{shape.name} {mode.label}")
                 continue
-            results = bench_shape(shape, mode, providers, device, batch, reps)
+            results = bench_shape(shape, mode, providers, device, batch, reps, graphs=args.graphs)
             rows.append({"shape": shape.name, "mode": mode.label, "spec": asdict(shape), "results": results})
             _write(render(_report(environment, args.dry_run, batch, reps, providers, modes, rows, skipped, started)), args.results)
             base = results[CUDNN]
