@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -162,16 +162,22 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 class Outcome:
     statuses: Counter
     errors: list[str]
+    cut: list[str] = field(default_factory=list)  # responses cut mid-write and sent again (retry_cut only)
 
     @property
     def lost(self) -> int:
         return sum(count for status, count in self.statuses.items() if status != 200) + len(self.errors)
 
 
-def send_forward_requests(url: str, count: int, on_answered=None) -> Outcome:
-    """POSTs `count` small /forward requests, CONCURRENCY at a time; bounded in count and time."""
+def send_forward_requests(url: str, count: int, on_answered=None, retry_cut: bool = False) -> Outcome:
+    """POSTs `count` small /forward requests, CONCURRENCY at a time; bounded in count and time.
+
+    retry_cut: a response whose connection closed mid-message (its replica died between writing the
+    headers and the body, which nginx has already forwarded and so cannot retry) is sent once more,
+    as a client does with an idempotent request, and recorded in Outcome.cut."""
     statuses: Counter = Counter()
     errors: list[str] = []
+    cut: list[str] = []
     lock = threading.Lock()
     answered = 0
     deadline = time.monotonic() + PHASE_TIMEOUT_S
@@ -183,7 +189,14 @@ def send_forward_requests(url: str, count: int, on_answered=None) -> Outcome:
                 errors.append("not sent: phase deadline passed")
             return
         try:
-            response = client.post(f"{url}/forward", json=FORWARD_BODY)
+            try:
+                response = client.post(f"{url}/forward", json=FORWARD_BODY)
+            except httpx.RemoteProtocolError as error:
+                if not retry_cut:
+                    raise
+                with lock:
+                    cut.append(repr(error))
+                response = client.post(f"{url}/forward", json=FORWARD_BODY)
             with lock:
                 statuses[response.status_code] += 1
                 if response.status_code != 200 and len(errors) < 5:
@@ -202,7 +215,7 @@ def send_forward_requests(url: str, count: int, on_answered=None) -> Outcome:
         for future in [pool.submit(one, client) for _ in range(count)]:
             future.result(timeout=PHASE_TIMEOUT_S + REQUEST_TIMEOUT_S)
     # Non-200 answers are already counted in statuses; keep only transport errors and deadline misses.
-    return Outcome(statuses, [error for error in errors if not error[:3].isdigit()])
+    return Outcome(statuses, [error for error in errors if not error[:3].isdigit()], cut)
 
 
 def test_shipped_config_is_rendered_byte_identical_but_for_addresses():
@@ -249,14 +262,18 @@ def test_no_request_lost_when_a_replica_is_killed(stack):
             killed_at["answered"] = answered
             victim.process.send_signal(signal.SIGKILL)
 
-    outcome = send_forward_requests(stack.url, REQUESTS_PER_PHASE, on_answered=kill_once)
+    # A response the victim was writing at the instant of the kill can be cut after its headers (two
+    # writes in uvicorn; seen once in ~8 runs): nginx has forwarded them and cannot retry, so the client
+    # does, once. Everything not yet answered by the victim must be retried by nginx, invisibly.
+    outcome = send_forward_requests(stack.url, REQUESTS_PER_PHASE, on_answered=kill_once, retry_cut=True)
     victim.process.wait(timeout=10)
     attempts = stack.attempts()[log_offset:]
     retried = [tried for status, tried in attempts if len(tried) > 1]
     survivor_served = survivor.forward_served() - survivor_before
     print(
         f"\nfailover: sent {REQUESTS_PER_PHASE}, killed {victim.address} after {killed_at.get('answered')} answers, "
-        f"statuses {dict(outcome.statuses)}, lost {outcome.lost}, retried on the other replica {len(retried)}, "
+        f"statuses {dict(outcome.statuses)}, lost {outcome.lost}, cut mid-response {len(outcome.cut)}, "
+        f"retried on the other replica {len(retried)}, "
         f"survivor served {survivor_served}"
     )
 
@@ -266,7 +283,9 @@ def test_no_request_lost_when_a_replica_is_killed(stack):
         f"{outcome.lost} requests lost: {dict(outcome.statuses)} {outcome.errors[:5]}\n{tail(stack.prefix / 'error.log')}"
     )
     assert outcome.statuses[200] == REQUESTS_PER_PHASE
+    # Only responses in flight at the kill can be cut: at most one per concurrent request.
+    assert len(outcome.cut) <= CONCURRENCY, outcome.cut
     assert retried and all(tried[-1] == survivor.address for tried in retried), retried[:5]
-    assert len(attempts) == REQUESTS_PER_PHASE
+    assert len(attempts) == REQUESTS_PER_PHASE + len(outcome.cut)
     # Everything answered after the kill came from the survivor.
     assert survivor_served >= REQUESTS_PER_PHASE - killed_at["answered"] - CONCURRENCY
