@@ -3,7 +3,10 @@
 Tensors go out and come back in base64 by default (the fastest encoding: no number formatting, bit
 exact, NaN and infinities included); "flat" and "list" are there for debugging. numpy in -> numpy out,
 torch in -> torch out (decided by `input`). 503s are retried after the server's Retry-After, a little
-jittered, up to `retries` times; other errors raise at once as the typed errors of app.client.errors.
+jittered, up to `retries` times; so is a response the server's connection closed before it was whole
+(a replica behind a load balancer dying mid-answer, which the balancer cannot retry once it has
+forwarded the headers): /forward and /backward are pure functions, so sending again is safe. Other
+errors raise at once as the typed errors of app.client.errors.
 """
 
 from __future__ import annotations
@@ -232,6 +235,12 @@ class _Base:
         # At least Retry-After, plus up to 20% so that clients refused together do not return together.
         return wait * (1 + 0.2 * random.random())
 
+    def _cut_delay(self, attempt: int) -> float | None:
+        """Seconds to wait before sending again a request whose response was cut, or None when out of attempts."""
+        if attempt >= self.retries:
+            return None
+        return min(0.05 * 2**attempt, self.max_retry_wait) * (1 + 0.2 * random.random())
+
 
 class Client(_Base):
     """Synchronous client. `with Client(url) as client: y = client.forward(x, w, padding=1).output`."""
@@ -252,11 +261,17 @@ class Client(_Base):
     def _post(self, path: str, content: bytes) -> httpx.Response:
         attempt = 0
         while True:
-            response = self._http.post(path, content=content)
-            delay = self._delay(response, attempt)
-            if delay is None:
-                raise_for_status(response)
-                return response
+            try:
+                response = self._http.post(path, content=content)
+            except httpx.RemoteProtocolError:  # the connection closed before the whole response
+                delay = self._cut_delay(attempt)
+                if delay is None:
+                    raise
+            else:
+                delay = self._delay(response, attempt)
+                if delay is None:
+                    raise_for_status(response)
+                    return response
             time.sleep(delay)
             attempt += 1
 
@@ -296,11 +311,17 @@ class AsyncClient(_Base):
     async def _post(self, path: str, content: bytes) -> httpx.Response:
         attempt = 0
         while True:
-            response = await self._http.post(path, content=content)
-            delay = self._delay(response, attempt)
-            if delay is None:
-                raise_for_status(response)
-                return response
+            try:
+                response = await self._http.post(path, content=content)
+            except httpx.RemoteProtocolError:  # the connection closed before the whole response
+                delay = self._cut_delay(attempt)
+                if delay is None:
+                    raise
+            else:
+                delay = self._delay(response, attempt)
+                if delay is None:
+                    raise_for_status(response)
+                    return response
             await asyncio.sleep(delay)
             attempt += 1
 

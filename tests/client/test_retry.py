@@ -1,4 +1,5 @@
-"""503 + Retry-After: retried after at least the server's delay, bounded; tested on a loopback stub server."""
+"""503 + Retry-After: retried after at least the server's delay, bounded; a response cut mid-message: sent
+again, bounded. Tested on a loopback stub server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 
@@ -26,7 +28,10 @@ PAYLOAD = {
 
 
 class Stub:
-    """Answers 503 with Retry-After `retry_after` to the first `failures` POSTs, then 200 with PAYLOAD."""
+    """Answers 503 with Retry-After `retry_after` to the first `failures` POSTs, then 200 with PAYLOAD.
+
+    retry_after "cut": the failures are 200 headers with a Content-Length, then the connection closed
+    before the body (what a client sees when a replica dies mid-answer behind a load balancer)."""
 
     def __init__(self, failures: int, retry_after: str) -> None:
         self.failures, self.retry_after, self.arrivals = failures, retry_after, []
@@ -37,6 +42,13 @@ class Stub:
                 self.rfile.read(int(self.headers["content-length"]))
                 stub.arrivals.append(time.monotonic())
                 failing = len(stub.arrivals) <= stub.failures
+                if failing and stub.retry_after == "cut":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "261")
+                    self.end_headers()
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 body = json.dumps({"detail": "the cpu queue is full (1 waiting); retry later"} if failing else PAYLOAD).encode()
                 self.send_response(503 if failing else 200)
                 if failing:
@@ -97,3 +109,27 @@ def test_no_retries_when_disabled(stub) -> None:
     with Client(stub.url, retries=0) as client, pytest.raises(ServiceUnavailable):
         client.forward(*ARGS)
     assert len(stub.arrivals) == 1
+
+
+@pytest.mark.parametrize("stub", [(2, "cut")], indirect=True)
+def test_sends_again_a_response_cut_mid_message(stub) -> None:
+    with Client(stub.url) as client:
+        result = client.forward(*ARGS)
+    np.testing.assert_array_equal(result.output, OUTPUT)
+    assert len(stub.arrivals) == 3
+
+
+@pytest.mark.parametrize("stub", [(1, "cut")], indirect=True)
+@pytest.mark.anyio
+async def test_async_client_sends_again_a_cut_response(stub) -> None:
+    async with AsyncClient(stub.url) as client:
+        result = await client.forward(*ARGS)
+    np.testing.assert_array_equal(result.output, OUTPUT)
+    assert len(stub.arrivals) == 2
+
+
+@pytest.mark.parametrize("stub", [(5, "cut")], indirect=True)
+def test_cut_responses_are_retried_a_bounded_number_of_times(stub) -> None:
+    with Client(stub.url, retries=2) as client, pytest.raises(httpx.RemoteProtocolError):
+        client.forward(*ARGS)
+    assert len(stub.arrivals) == 3
