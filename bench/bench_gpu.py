@@ -131,6 +131,19 @@ def inputs(shape: Shape, mode: Mode, device: torch.device, batch: int, generator
     return x, w, x_grad, w_grad, leaves
 
 
+def steps_of(conv, x, w, x_grad, w_grad, leaves, grad_output) -> dict[str, Callable[[], None]]:
+    """{"fwd": one no-grad forward, "fwd_bwd": one forward and the gradients of `leaves`}: what is timed."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            conv(x, w)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(conv(x_grad, w_grad), leaves, grad_output)
+
+    return {"fwd": forward, "fwd_bwd": forward_backward}
+
+
 def graphed(step: Callable[[], None]) -> Callable[[], None]:
     """`step` captured once into a CUDA graph (after a warm-up on a side stream, as torch's docs ask); its replay.
 
@@ -175,14 +188,7 @@ def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.de
             reference = outcome
         results[provider] = {"error": max(_relative_error(a, e) for a, e in zip(outcome, reference))}
 
-        def forward(conv=conv) -> None:
-            with torch.no_grad():
-                conv(x, w)
-
-        def forward_backward(conv=conv, grad_output=grad_output) -> None:
-            torch.autograd.grad(conv(x_grad, w_grad), leaves, grad_output)
-
-        steps[provider] = {"fwd": forward, "fwd_bwd": forward_backward}
+        steps[provider] = steps_of(conv, x, w, x_grad, w_grad, leaves, grad_output)
         if graphs and device.type == "cuda":
             try:
                 steps[provider] = {kind: graphed(step) for kind, step in steps[provider].items()}
@@ -290,7 +296,7 @@ def _report(environment, dry_run, batch, reps, providers, modes, rows, skipped, 
     }
 
 
-def _write(text: str, results: str, report: dict | None = None) -> None:
+def write_results(text: str, results: str, report: dict | None = None) -> None:
     """The table to `results` and to $OUT/ when set (rewritten after every shape, so a killed run keeps its rows)."""
     targets = [results] + ([os.path.join(os.environ["OUT"], os.path.basename(results))] if os.environ.get("OUT") else [])
     for target in targets:
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             results = bench_shape(shape, mode, providers, device, batch, reps, graphs=args.graphs)
             rows.append({"shape": shape.name, "mode": mode.label, "spec": asdict(shape), "results": results})
-            _write(render(_report(environment, args.dry_run, batch, reps, providers, modes, rows, skipped, started)), args.results)
+            write_results(render(_report(environment, args.dry_run, batch, reps, providers, modes, rows, skipped, started)), args.results)
             base = results[CUDNN]
             summary = ", ".join(
                 f"{p} {results[p]['fwd_bwd'] / base['fwd_bwd']:.2f}x (err {results[p]['error']:.1e})" for p in providers[1:] if p in results
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = _report(environment, args.dry_run, batch, reps, providers, modes, rows, skipped, started)
     text = render(report)
     print(text)
-    _write(text, args.results, report)
+    write_results(text, args.results, report)
     return report
 
 

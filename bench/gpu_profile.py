@@ -12,15 +12,13 @@ host time exceeds its device time is launch-bound: there the GPU idles and only 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.bench_gpu import BATCH, CUDNN, SHAPES, Mode, conv_of, inputs
+from bench.bench_gpu import BATCH, CUDNN, SHAPES, Mode, conv_of, inputs, steps_of, write_results
 
 
 def host_seconds(step, calls: int, reps: int) -> float:
@@ -54,28 +52,16 @@ def profile_shape(shape, mode: Mode, providers: list[str], batch: int, calls: in
     results = {}
     for provider in providers:
         conv = conv_of(provider, shape)
-        grad_output = None
-
-        def forward(conv=conv) -> None:
-            with torch.no_grad():
-                conv(x, w)
-
-        def forward_backward(conv=conv) -> None:
-            nonlocal grad_output
-            output = conv(x_grad, w_grad)
-            if grad_output is None:
-                grad_output = torch.randn_like(output)
-            torch.autograd.grad(output, leaves, grad_output)
-
         try:
+            steps = steps_of(conv, x, w, x_grad, w_grad, leaves, torch.randn_like(conv(x_grad, w_grad)))
             for _ in range(3):
-                forward()
-                forward_backward()
+                for step in steps.values():
+                    step()
         except Exception as error:  # report and go on: the other providers' figures still count
             print(f"  {provider} failed on {shape.name} {mode.label}: {type(error).__name__}: {error}", flush=True)
             continue
         entry = {}
-        for kind, step in (("fwd", forward), ("fwd_bwd", forward_backward)):
+        for kind, step in steps.items():
             device_time, kernels = device_profile(step, calls)
             entry[kind] = {"host": host_seconds(step, calls, reps), "device": device_time, "kernels": kernels[:6]}
         results[provider] = entry
@@ -130,14 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
-            text = render(rows, environment)
-            targets = [args.results] + ([os.path.join(os.environ["OUT"], os.path.basename(args.results))] if os.environ.get("OUT") else [])
-            for target in targets:
-                os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-                with open(target, "w") as out:
-                    out.write(text)
-                with open(os.path.splitext(target)[0] + ".json", "w") as out:
-                    json.dump({"environment": environment, "rows": rows}, out, indent=1)
+            write_results(render(rows, environment), args.results, {"environment": environment, "rows": rows})
     print(render(rows, environment))
 
 
