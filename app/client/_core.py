@@ -241,6 +241,21 @@ class _Base:
             return None
         return min(0.05 * 2**attempt, self.max_retry_wait) * (1 + 0.2 * random.random())
 
+    def _next_delay(self, outcome: httpx.Response | httpx.RemoteProtocolError, attempt: int) -> float | None:
+        """One attempt's outcome -> seconds to wait before the next, or None when `outcome` is the answer.
+
+        Raises the cut (a RemoteProtocolError: the connection closed before the whole response) or the
+        error status when out of attempts, and an error status that is not retried at once."""
+        if isinstance(outcome, httpx.RemoteProtocolError):
+            delay = self._cut_delay(attempt)
+            if delay is None:
+                raise outcome
+            return delay
+        delay = self._delay(outcome, attempt)
+        if delay is None:
+            raise_for_status(outcome)
+        return delay
+
 
 class Client(_Base):
     """Synchronous client. `with Client(url) as client: y = client.forward(x, w, padding=1).output`."""
@@ -262,16 +277,12 @@ class Client(_Base):
         attempt = 0
         while True:
             try:
-                response = self._http.post(path, content=content)
-            except httpx.RemoteProtocolError:  # the connection closed before the whole response
-                delay = self._cut_delay(attempt)
-                if delay is None:
-                    raise
-            else:
-                delay = self._delay(response, attempt)
-                if delay is None:
-                    raise_for_status(response)
-                    return response
+                outcome = self._http.post(path, content=content)
+            except httpx.RemoteProtocolError as cut:
+                outcome = cut
+            delay = self._next_delay(outcome, attempt)
+            if delay is None:
+                return outcome
             time.sleep(delay)
             attempt += 1
 
@@ -312,16 +323,12 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             try:
-                response = await self._http.post(path, content=content)
-            except httpx.RemoteProtocolError:  # the connection closed before the whole response
-                delay = self._cut_delay(attempt)
-                if delay is None:
-                    raise
-            else:
-                delay = self._delay(response, attempt)
-                if delay is None:
-                    raise_for_status(response)
-                    return response
+                outcome = await self._http.post(path, content=content)
+            except httpx.RemoteProtocolError as cut:
+                outcome = cut
+            delay = self._next_delay(outcome, attempt)
+            if delay is None:
+                return outcome
             await asyncio.sleep(delay)
             attempt += 1
 
