@@ -95,7 +95,7 @@ def test_gives_up_after_bounded_attempts(stub) -> None:
     assert len(stub.arrivals) == 3 and error.value.retry_after == 0 and "queue is full" in error.value.detail
 
 
-@pytest.mark.parametrize("stub", [(1, "0")], indirect=True)
+@pytest.mark.parametrize("stub", [(1, "0"), (1, "cut")], indirect=True, ids=["503", "cut"])
 @pytest.mark.anyio
 async def test_async_client_retries(stub) -> None:
     async with AsyncClient(stub.url) as client:
@@ -117,15 +117,6 @@ def test_sends_again_a_response_cut_mid_message(stub) -> None:
         result = client.forward(*ARGS)
     np.testing.assert_array_equal(result.output, OUTPUT)
     assert len(stub.arrivals) == 3
-
-
-@pytest.mark.parametrize("stub", [(1, "cut")], indirect=True)
-@pytest.mark.anyio
-async def test_async_client_sends_again_a_cut_response(stub) -> None:
-    async with AsyncClient(stub.url) as client:
-        result = await client.forward(*ARGS)
-    np.testing.assert_array_equal(result.output, OUTPUT)
-    assert len(stub.arrivals) == 2
 
 
 @pytest.mark.parametrize("stub", [(5, "cut")], indirect=True)
