@@ -179,6 +179,10 @@ def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.de
                     torch.randn(output.shape, generator=generator).to(device, mode.dtype).contiguous(memory_format=torch.channels_last)
                 )
             outcome = [output.detach(), *torch.autograd.grad(output, leaves, grad_output)]
+            # Drop the checked call's graph now: while it lives, it keeps the leaves' AccumulateGrad
+            # nodes (made on the default stream) alive, and a CUDA-graph capture of the step then fails
+            # ("operation would make the legacy stream depend on a capturing blocking stream").
+            del output
         except Exception as error:  # one provider failing (unsupported, out of memory, a bug) must not end the run
             if provider == CUDNN:
                 raise

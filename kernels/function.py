@@ -17,7 +17,7 @@ from kernels.params import ConvSpec, IntPair, PaddingArg, call_key, normalize
 from kernels.selection import resolve
 
 
-def _prefers_channels_last(tensor: torch.Tensor) -> bool:
+def prefers_channels_last(tensor: torch.Tensor) -> bool:
     """`tensor.suggest_memory_format() == torch.channels_last`, the test torch's conv uses for its output format.
 
     It reads the stride order, so a tensor that is contiguous *and* channels_last (one channel, or a
@@ -49,7 +49,7 @@ def _output_format(input: torch.Tensor, weight: torch.Tensor, padding_mode: str)
     if input.device.type == "cuda" and (input.dtype == torch.float64 or weight.dtype == torch.float64 or not torch.backends.cudnn.enabled):
         return torch.contiguous_format
     padded_keeps_layout = padding_mode == "zeros" or (padding_mode != "circular" and input.device.type == "cpu")
-    channels_last = (padded_keeps_layout and _prefers_channels_last(input)) or _prefers_channels_last(weight)
+    channels_last = (padded_keeps_layout and prefers_channels_last(input)) or prefers_channels_last(weight)
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

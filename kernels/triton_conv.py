@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.function import prefers_channels_last
 from kernels.params import ConvSpec
 from kernels.triton_depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
 from kernels.triton_fwd import conv_forward
@@ -155,11 +156,15 @@ class TritonConv(ConvAlgorithm):
                 conv_grad_input(grad_output_nhwc, weight_t, grad_input, spec, flat, precision)
             grad_input = grad_input.permute(0, 3, 1, 2)
         if need_weight:
+            # grad_weight in the weight's own layout, as cuDNN gives it (and autograd would copy it into).
+            channels_last = prefers_channels_last(weight)
             if grad_output.numel() and _is_depthwise(weight, groups):
-                grad_weight = depthwise_grad_weight(_nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype)
+                grad_weight = depthwise_grad_weight(_nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype, channels_last)
             elif grad_output.numel():
                 flat = in_per_group < _FLAT_BELOW
-                grad_weight = conv_grad_weight(_nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype, flat, precision)
+                grad_weight = conv_grad_weight(
+                    _nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype, flat, precision, channels_last
+                )
             else:
                 grad_weight = torch.zeros_like(weight)
         return grad_input, grad_weight

@@ -297,10 +297,13 @@ def depthwise_grad_input(grad_output_nhwc, weight_taps, grad_input_nhwc, spec, k
         )
 
 
-def depthwise_grad_weight(input_nhwc, grad_output_nhwc, spec, weight_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def depthwise_grad_weight(
+    input_nhwc, grad_output_nhwc, spec, weight_shape: torch.Size, dtype: torch.dtype, channels_last: bool
+) -> torch.Tensor:
     """Launch: input (N, H, W, C_in), grad_output (N, H_out, W_out, C_out), both strided.
 
-    Returns grad_weight (C_out, 1, kH, kW) in `dtype`. Grid: (C_out tiles, kH*kW, splits).
+    Returns grad_weight (C_out, 1, kH, kW) in `dtype` (channels-last strides when `channels_last`).
+    Grid: (C_out tiles, kH*kW, splits).
     """
     kernel_size = (weight_shape[2], weight_shape[3])
     batch, height, width, in_channels = input_nhwc.shape
@@ -335,4 +338,4 @@ def depthwise_grad_weight(input_nhwc, grad_output_nhwc, spec, weight_shape: torc
         *spec.dilation,
     )
     # As a (splits, 1 group, taps, 1 channel, C_out) workspace, the shared reduction lays it out as (C_out, 1, kH, kW).
-    return sum_splits(workspace.view(splits, 1, taps, 1, out_channels), weight_shape, dtype)
+    return sum_splits(workspace.view(splits, 1, taps, 1, out_channels), weight_shape, dtype, channels_last)

@@ -7,15 +7,23 @@ load mask, so nothing is padded in memory. With a channels-last input the K tile
 contiguously, which is why the launcher converts to channels_last. The weight is stored (N, K),
 K contiguous (the channels-last weight layout): both dot operands are K-major, the layout Hopper's
 wgmma needs for TF32 and the cheapest one for 16-bit types.
+
+Few output tiles over a long K (512 -> 512 3x3 at 7x7, batch 32: ~100 tiles of a 4,608-long
+reduction for 132 SMs on an H200) leave SMs idle while each program walks K alone, so such problems
+split the taps into `splits` ranges: each program writes its float32 partial tile to a workspace and
+`_sum_taps_kernel` adds the splits in index order (deterministic), then the bias, then casts.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
 from kernels.triton_launch import cdiv, launch
-from kernels.triton_tuning import bench_options, configs, jit, prune
+from kernels.triton_tuning import bench_options, configs, interpreting, jit, prune, sm_count
 
 
 def _extents(args: dict) -> dict[str, int]:
@@ -25,7 +33,7 @@ def _extents(args: dict) -> dict[str, int]:
 
 @triton.autotune(
     configs=configs(),
-    key=["rows", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "stride_h", "stride_w", "FLAT_K", "PRECISION"],
+    key=["rows", "in_per_group", "out_per_group", "kernel_h", "kernel_w", "stride_h", "stride_w", "splits", "FLAT_K", "PRECISION"],
     prune_configs_by=prune(_extents),
     **bench_options(),
 )
@@ -34,8 +42,10 @@ def _fwd_kernel(
     input_ptr,  # input (N, H, W, C_in), addressed through the in_stride_* below
     weight_ptr,  # weight (groups, C_out/g, kH*kW*C_in/g), contiguous, K ordered (kh, kw, c): K-major B tiles
     bias_ptr,  # bias (C_out,); unused (any pointer) when HAS_BIAS is False
-    output_ptr,  # output (N, H_out, W_out, C_out), contiguous
+    output_ptr,  # output (N, H_out, W_out, C_out), contiguous; with splits > 1, float32 (splits, N*H_out*W_out, C_out)
     rows,  # N * H_out * W_out
+    splits,  # ranges the taps are split into (grid axis 1 is groups * splits); 1 = no split
+    taps_per_split,
     height,
     width,
     out_height,
@@ -65,7 +75,8 @@ def _fwd_kernel(
 ):
     # Grouped tile order (tutorial 03) so consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
-    group = tl.program_id(1)
+    group = tl.program_id(1) // splits
+    split = tl.program_id(1) % splits
     tiles_m = tl.cdiv(rows, BLOCK_M)
     tiles_n = tl.cdiv(out_per_group, BLOCK_N)
     first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
@@ -110,7 +121,9 @@ def _fwd_kernel(
     else:
         # One loop over (tap, channel block) so the software pipeline sees kH*kW*C/BLOCK_K steps.
         channel_blocks = tl.cdiv(in_per_group, BLOCK_K)
-        for step in range(0, kernel_h * kernel_w * channel_blocks):
+        first_tap = split * taps_per_split
+        last_tap = min(first_tap + taps_per_split, kernel_h * kernel_w)
+        for step in range(first_tap * channel_blocks, last_tap * channel_blocks):
             tap = step // channel_blocks
             offs_c = (step % channel_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
             c_ok = offs_c < in_per_group
@@ -128,14 +141,56 @@ def _fwd_kernel(
     channel_out = group * out_per_group + offs_n
     if HAS_BIAS:
         acc += tl.load(bias_ptr + channel_out, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = output_ptr + offs_m.to(tl.int64)[:, None] * out_channels + channel_out[None, :]
+    # With splits, output_ptr is the float32 workspace and the bias is added by _sum_taps_kernel (HAS_BIAS False here).
+    out_ptrs = output_ptr + (split * rows + offs_m).to(tl.int64)[:, None] * out_channels + channel_out[None, :]
     tl.store(out_ptrs, acc.to(output_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@jit
+def _sum_taps_kernel(
+    workspace_ptr,  # float32 (splits, N*H_out*W_out, C_out), contiguous
+    bias_ptr,  # bias (C_out,); unused when HAS_BIAS is False
+    output_ptr,  # output (N, H_out, W_out, C_out), contiguous
+    splits,
+    size,  # N*H_out*W_out*C_out: one split's elements
+    out_channels,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    split_ptrs = workspace_ptr + offs
+    for _ in range(0, splits):  # in split order: the same sum every run
+        acc += tl.load(split_ptrs, mask=mask, other=0.0)
+        split_ptrs += size
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % out_channels, mask=mask, other=0.0).to(tl.float32)
+    tl.store(output_ptr + offs, acc.to(output_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_tap_splits(rows: int, out_per_group: int, groups: int, taps: int, in_per_group: int, device: torch.device) -> int:
+    """How many tap ranges to split the reduction into: 1 unless the output tiles leave SMs idle over a long K.
+
+    Counted at the nominal 128 x 64 tile: below one program per SM, split so that about two per SM run,
+    keeping at least 2 taps of at least 256 channels' reduction per split (shorter ranges would spend
+    more on the workspace round trip than they save). Under the interpreter (CPU tests) problems with a
+    reduction of 64+ split in two and smaller ones do not, so CI runs both paths.
+    """
+    if interpreting():
+        return 2 if taps >= 2 and taps * in_per_group >= 64 else 1
+    tiles = cdiv(rows, 128) * cdiv(out_per_group, 64) * groups
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if tiles >= sms or taps * in_per_group < 1024:
+        return 1
+    return max(1, min(cdiv(2 * sms, tiles), taps // 2, 4))
 
 
 def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size: tuple[int, int], flat_k: bool, precision: str) -> None:
     """Launch: input (N, H, W, C_in) strided, weight_matrix (g, C_out/g, kH*kW*C_in/g), output (N, H_out, W_out, C_out).
 
-    Grid: (output-pixel tiles x C_out/g tiles, groups).
+    Grid: (output-pixel tiles x C_out/g tiles, groups x tap splits).
     """
     batch, height, width, in_channels = input_nhwc.shape
     _, out_height, out_width, out_channels = output_nhwc.shape
@@ -143,15 +198,25 @@ def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size
     rows = batch * out_height * out_width
     out_per_group = out_channels // groups
 
+    taps = kernel_size[0] * kernel_size[1]
+    splits = 1 if flat_k else choose_tap_splits(rows, out_per_group, groups, taps, in_channels // groups, input_nhwc.device)
+    taps_per_split = cdiv(taps, splits)
+    splits = cdiv(taps, taps_per_split)
+    target = output_nhwc
+    if splits > 1:
+        target = torch.empty(splits, *output_nhwc.shape, device=output_nhwc.device, dtype=torch.float32)
+
     def grid(meta):
-        return (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_per_group, meta["BLOCK_N"]), groups)
+        return (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
 
     stride_n, stride_h, stride_w, stride_c = input_nhwc.stride()
     launch(
         _fwd_kernel,
         grid,
-        (input_nhwc, weight_matrix, bias if bias is not None else weight_matrix, output_nhwc),
+        (input_nhwc, weight_matrix, bias if bias is not None else weight_matrix, target),
         rows,
+        splits,
+        taps_per_split,
         height,
         width,
         out_height,
@@ -171,7 +236,20 @@ def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size
         spec.padding[2],
         spec.dilation[0],
         spec.dilation[1],
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None and splits == 1,
         FLAT_K=flat_k,
         PRECISION=precision,
     )
+    if splits > 1:
+        size = output_nhwc.numel()
+        block = 1024
+        launch(
+            _sum_taps_kernel,
+            (cdiv(size, block),),
+            (target, bias if bias is not None else target, output_nhwc),
+            splits,
+            size,
+            out_channels,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+        )

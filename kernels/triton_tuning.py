@@ -8,6 +8,7 @@ per block op, so autotuning there would only multiply test time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -26,6 +27,12 @@ _TENSOR_CORE_TILES = (
 # IEEE float32 tl.dot runs on FMA units: big tiles only unroll into minutes of compile time for no
 # speed, so it gets one moderate tile.
 _FMA_TILES = ((64, 64, 32, 4, 3),)
+# grad_weight's operands are M- and N-major in memory (channels are contiguous, pixels are the
+# reduction). Hopper's TF32 wgmma reads only K-major operands from shared memory, so a pipelined
+# (cp.async) load of them copies 4 bytes at a time (H200: TF32 grad_weight 3-5x cuDNN's). One stage
+# loads through registers instead, in 16-byte vectors, and transposes on the way to shared memory:
+# offered to the autotuner for 4-byte (TF32) grad_weight only.
+_REGISTER_PATH_TILES = ((128, 64, 32, 4, 1), (64, 64, 32, 4, 1))
 _INTERPRETER_TILE = (64, 64, 32, 4, 1)
 
 # Arguments that only enter index arithmetic: specialising on their value (== 1, % 16 == 0) would
@@ -38,6 +45,7 @@ _INDEX_ONLY = {
     "rows",
     "rows_per_split",
     "splits",
+    "taps_per_split",
     "taps",
     "height",
     "width",
@@ -62,6 +70,12 @@ def jit(fn):
     return triton.jit(fn, do_not_specialize=[name for name in names if name in _INDEX_ONLY])
 
 
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device: how many programs fill it (split choices size to it)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -71,21 +85,29 @@ def autotuning() -> bool:
     return os.environ.get("CONV_TRITON_AUTOTUNE", "1") != "0" and not interpreting()
 
 
-def _config(m: int, n: int, k: int, warps: int, stages: int, fma: bool) -> triton.Config:
-    # FMA marks the IEEE-float32 configs for `prune`; it is dropped before launch.
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "FMA": fma}, num_warps=warps, num_stages=stages)
+def _config(m: int, n: int, k: int, warps: int, stages: int, fma: bool, four_byte_only: bool = False) -> triton.Config:
+    # FMA marks the IEEE-float32 configs and FOUR_BYTE the TF32-only ones for `prune`; both are dropped before launch.
+    kwargs = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "FMA": fma}
+    if four_byte_only:
+        kwargs["FOUR_BYTE"] = True
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def configs() -> list[triton.Config]:
+def configs(register_path: bool = False) -> list[triton.Config]:
     """GEMM-kernel configs: tensor-core tiles, then FMA tiles; `prune` keeps the kind the call needs.
 
+    register_path: also offer the one-stage tiles for 4-byte operands (grad_weight; see _REGISTER_PATH_TILES).
     Always at least two entries: Triton's autotuner skips `prune` (and so the FMA filter and the
     tile caps) when it holds a single config.
     """
     if interpreting():
         return [_config(*_INTERPRETER_TILE, fma=False), _config(*_INTERPRETER_TILE, fma=True)]
-    tensor_core, fma = (_TENSOR_CORE_TILES, _FMA_TILES) if autotuning() else (_TENSOR_CORE_TILES[:1], _FMA_TILES[:1])
-    return [_config(*tile, fma=False) for tile in tensor_core] + [_config(*tile, fma=True) for tile in fma]
+    if not autotuning():
+        return [_config(*_TENSOR_CORE_TILES[0], fma=False), _config(*_FMA_TILES[0], fma=True)]
+    tiles = [_config(*tile, fma=False) for tile in _TENSOR_CORE_TILES] + [_config(*tile, fma=True) for tile in _FMA_TILES]
+    if register_path:
+        tiles += [_config(*tile, fma=False, four_byte_only=True) for tile in _REGISTER_PATH_TILES]
+    return tiles
 
 
 def depthwise_configs() -> list[triton.Config]:
@@ -124,8 +146,12 @@ def prune(extents: Callable[[dict], dict[str, int]]) -> dict:
         for config in configs:
             if config.kwargs.get("FMA", fma) != fma or (four_byte and config.kwargs.get("BLOCK_K", 0) > 32):
                 continue
+            if config.kwargs.get("FOUR_BYTE") and not four_byte:
+                continue
             blocks = {
-                name: _cap(value, limits[name]) if name in limits else value for name, value in config.kwargs.items() if name != "FMA"
+                name: _cap(value, limits[name]) if name in limits else value
+                for name, value in config.kwargs.items()
+                if name not in ("FMA", "FOUR_BYTE")
             }
             signature = (*sorted(blocks.items()), config.num_warps, config.num_stages)
             if signature not in seen:

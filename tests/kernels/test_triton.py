@@ -45,6 +45,8 @@ TRITON_CASES = [
     ),
     Case("single_input_channel", in_channels=1, out_channels=8, kernel_size=(5, 5), stride=2, padding=2, size=(9, 8)),
     Case("channels_last_per_tap", in_channels=24, out_channels=16, stride=2, padding=1, layout="channels_last"),
+    # Few output tiles over a long K: the forward splits its taps on a GPU too (triton_fwd.choose_tap_splits).
+    Case("split_taps", in_channels=128, out_channels=32, padding=1, size=(5, 5)),
 ]
 ALL_CASES = CASES + TRITON_CASES
 HALF_CASES = [case for case in ALL_CASES if case.id in ("basic", "stem_c3_7x7_s2", "per_tap_k_tiles", "depthwise", "channels_last")]
@@ -189,6 +191,23 @@ def test_grad_weight_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c.id in ("per_tap_k_tiles", "depthwise_stride2")], ids=lambda case: case.id)
+def test_grad_weight_comes_in_the_weights_layout(case, weight_layout, device):
+    """grad_weight is laid out like the weight (as cuDNN returns it), with the oracle's values."""
+    input, weight, bias = make_inputs(case, torch.float32, device)
+    if weight_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    output = our_conv(case, input, weight, bias, "triton")
+    grad_output = torch.randn(output.shape, generator=seeded(3)).to(device)
+    ours = grads(output, grad_output, [weight])[0]
+    exact_weight = weight.detach().double().requires_grad_()
+    expected = grads(torch_conv(case, input.detach().double(), exact_weight, None), grad_output.double(), [exact_weight])[0]
+    assert ours.stride() == weight.stride()
+    assert_parity("grad_weight", ours, expected, torch.float32)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
 @pytest.mark.parametrize("case", [c for c in ALL_CASES if c.id in ("basic", "depthwise", "stem_c3_7x7_s2")], ids=lambda case: case.id)
 def test_math_runs_in_triton_not_torch(case, device):
     """Forward and backward dispatch no torch conv op and no torch multiply: the arithmetic is in our kernels."""
@@ -315,3 +334,24 @@ def test_stride_phases_partition_the_kernel_taps(stride, dilation, kernel):
         assert all((tap * dilation - phase) % stride == 0 for tap in taps)
         covered += taps
     assert sorted(covered) == list(range(kernel))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision", "register_path"),
+    [(torch.float32, "tf32", True), (torch.bfloat16, "tf32", False), (torch.float32, "ieee", False)],
+)
+def test_one_stage_tiles_are_offered_for_tf32_grad_weight_only(monkeypatch, dtype, precision, register_path):
+    """grad_weight's autotuner also tries one-stage (register path) tiles, and only for 4-byte tensor-core operands."""
+    from kernels import triton_tuning
+
+    monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)  # the GPU's config space
+    monkeypatch.setenv("CONV_TRITON_AUTOTUNE", "1")
+    pointers = {name: torch.empty(1, dtype=dtype) for name in ("input_ptr", "grad_output_ptr")}
+    pointers["workspace_ptr"] = torch.empty(1, dtype=torch.float32)
+    prune = triton_tuning.prune(lambda args: {"BLOCK_M": 1024, "BLOCK_N": 1024, "BLOCK_K": 1024})["early_config_prune"]
+    kept = prune(triton_tuning.configs(register_path=True), {**pointers, "PRECISION": precision})
+    one_stage = [config for config in kept if config.num_stages == 1]
+    assert bool(one_stage) == register_path
+    assert all(set(config.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} for config in kept)  # markers dropped
+    # Without register_path (forward, grad_input) no one-stage tile is ever offered.
+    assert not [c for c in prune(triton_tuning.configs(), {**pointers, "PRECISION": precision}) if c.num_stages == 1]
