@@ -170,8 +170,10 @@ def _sum_taps_kernel(
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_tap_splits(rows: int, out_per_group: int, groups: int, taps: int, in_per_group: int, device: torch.device) -> int:
-    """How many tap ranges to split the reduction into: 1 unless the output tiles leave SMs idle over a long K.
+def choose_tap_splits(rows: int, columns: int, groups: int, taps: int, per_tap: int, device: torch.device) -> int:
+    """How many tap ranges to split a GEMM's reduction (taps x per_tap) into, for a (rows x columns) output per group.
+
+    1 unless the output tiles leave SMs idle over a long K.
 
     Counted at the nominal 128 x 64 tile: below one program per SM, split so that about two per SM run,
     keeping at least 2 taps of at least 256 channels' reduction per split (shorter ranges would spend
@@ -179,12 +181,28 @@ def choose_tap_splits(rows: int, out_per_group: int, groups: int, taps: int, in_
     reduction of 64+ split in two and smaller ones do not, so CI runs both paths.
     """
     if interpreting():
-        return 2 if taps >= 2 and taps * in_per_group >= 64 else 1
-    tiles = cdiv(rows, 128) * cdiv(out_per_group, 64) * groups
+        return 2 if taps >= 2 and taps * per_tap >= 64 else 1
+    tiles = cdiv(rows, 128) * cdiv(columns, 64) * groups
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if tiles >= sms or taps * in_per_group < 1024:
+    if tiles >= sms or taps * per_tap < 1024:
         return 1
     return max(1, min(cdiv(2 * sms, tiles), taps // 2, 4))
+
+
+def sum_tap_splits(workspace: torch.Tensor, output: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """output (contiguous, channels last) = workspace (float32 (splits, *output.shape)) summed in split order, + bias, cast."""
+    size = output.numel()
+    block = 1024
+    launch(
+        _sum_taps_kernel,
+        (cdiv(size, block),),
+        (workspace, bias if bias is not None else workspace, output),
+        workspace.shape[0],
+        size,
+        output.shape[-1],
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+    )
 
 
 def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size: tuple[int, int], flat_k: bool, precision: str) -> None:
@@ -241,15 +259,4 @@ def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size
         PRECISION=precision,
     )
     if splits > 1:
-        size = output_nhwc.numel()
-        block = 1024
-        launch(
-            _sum_taps_kernel,
-            (cdiv(size, block),),
-            (target, bias if bias is not None else target, output_nhwc),
-            splits,
-            size,
-            out_channels,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-        )
+        sum_tap_splits(target, output_nhwc, bias)

@@ -64,6 +64,11 @@ _INDEX_ONLY = {
 }
 
 
+# The tl.dot operands' pointer arguments across the GEMM kernels (forward: input, weight; grad_input:
+# grad_output, weight; grad_weight: input, grad_output).
+_OPERANDS = ("input_ptr", "weight_ptr", "grad_output_ptr")
+
+
 def jit(fn):
     """triton.jit with the index-only arguments of `fn` left unspecialised."""
     names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
@@ -137,12 +142,9 @@ def prune(extents: Callable[[dict], dict[str, int]]) -> dict:
         limits = extents(args)
         fma = args.get("PRECISION") == "ieee" and not interpreting()
         # TF32 tiles hold 4-byte elements: a 64-deep K stage doubles shared memory (192 KB at 128x128)
-        # and compile time for no gain, so float32 keeps the 32-deep tiles.
-        four_byte = any(
-            getattr(value, "dtype", None) == torch.float32
-            for name, value in args.items()
-            if name.endswith("_ptr") and "workspace" not in name
-        )
+        # and compile time for no gain, so float32 keeps the 32-deep tiles. Read off the dot operands
+        # only: a split forward writes a float32 workspace through output_ptr whatever its inputs are.
+        four_byte = any(getattr(args.get(name), "dtype", None) == torch.float32 for name in _OPERANDS)
         for config in configs:
             if config.kwargs.get("FMA", fma) != fma or (four_byte and config.kwargs.get("BLOCK_K", 0) > 32):
                 continue

@@ -355,3 +355,20 @@ def test_one_stage_tiles_are_offered_for_tf32_grad_weight_only(monkeypatch, dtyp
     assert all(set(config.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} for config in kept)  # markers dropped
     # Without register_path (forward, grad_input) no one-stage tile is ever offered.
     assert not [c for c in prune(triton_tuning.configs(), {**pointers, "PRECISION": precision}) if c.num_stages == 1]
+
+
+def test_a_float32_workspace_does_not_make_16_bit_operands_four_byte(monkeypatch):
+    """A split forward writes float32 partials through output_ptr: bf16 operands still get the 64-deep K tiles."""
+    from kernels import triton_tuning
+
+    monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)
+    monkeypatch.setenv("CONV_TRITON_AUTOTUNE", "1")
+    prune = triton_tuning.prune(lambda args: {"BLOCK_M": 1024, "BLOCK_N": 1024, "BLOCK_K": 1024})["early_config_prune"]
+
+    def deepest_k(operand_dtype):
+        args = {"input_ptr": torch.empty(1, dtype=operand_dtype), "weight_ptr": torch.empty(1, dtype=operand_dtype)}
+        args["output_ptr"] = torch.empty(1, dtype=torch.float32)
+        return max(config.kwargs["BLOCK_K"] for config in prune(triton_tuning.configs(), {**args, "PRECISION": "tf32"}))
+
+    assert deepest_k(torch.bfloat16) == 64
+    assert deepest_k(torch.float32) == 32
