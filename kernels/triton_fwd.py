@@ -183,7 +183,7 @@ def choose_tap_splits(rows: int, columns: int, groups: int, taps: int, per_tap: 
     if interpreting():
         return 2 if taps >= 2 and taps * per_tap >= 64 else 1
     tiles = cdiv(rows, 128) * cdiv(columns, 64) * groups
-    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if tiles >= sms or taps * per_tap < 1024:
         return 1
     return max(1, min(cdiv(2 * sms, tiles), taps // 2, 4))

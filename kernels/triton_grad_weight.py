@@ -174,7 +174,7 @@ def choose_splits(rows: int, tiles: int, device: torch.device, max_splits: int =
         # Small chunks so the CPU tests exercise several splits on small shapes.
         rows_per_split = max(32, cdiv(rows, 4))
     else:
-        programs = 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        programs = 4 * sm_count(device)
         splits = max(1, min(256, max_splits, cdiv(programs, tiles), cdiv(rows, 1024)))
         rows_per_split = cdiv(cdiv(rows, splits), 128) * 128
     rows_per_split = max(1, rows_per_split)
@@ -253,7 +253,7 @@ def sum_splits(workspace: torch.Tensor, weight_shape: torch.Size, dtype: torch.d
     splits, groups, taps, in_per_group, out_per_group = workspace.shape
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_weight = torch.empty(weight_shape, device=workspace.device, dtype=dtype, memory_format=memory_format)
-    block, warps = _sum_tile(groups * taps * in_per_group * out_per_group)
+    block, warps = _sum_tile(groups * taps * in_per_group * out_per_group, workspace.device)
     grid = (cdiv(taps * in_per_group, block), cdiv(out_per_group, block), groups)
     launch(
         _sum_splits_kernel,
@@ -273,7 +273,7 @@ def sum_splits(workspace: torch.Tensor, weight_shape: torch.Size, dtype: torch.d
     return grad_weight
 
 
-def _sum_tile(elements: int) -> tuple[int, int]:
+def _sum_tile(elements: int, device: torch.device) -> tuple[int, int]:
     """(square tile side, warps) for `_sum_splits_kernel`: the biggest tile that still gives ~2 programs per SM.
 
     Each program walks every split in turn, so with many splits over a small weight (the stem: 176
@@ -282,7 +282,7 @@ def _sum_tile(elements: int) -> tuple[int, int]:
     """
     if interpreting():
         return 16, 1
-    programs = 2 * sm_count(torch.cuda.current_device())
+    programs = 2 * sm_count(device)
     for side, warps in ((64, 4), (32, 4)):
         if cdiv(elements, side * side) >= programs:
             return side, warps

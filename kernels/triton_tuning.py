@@ -75,9 +75,13 @@ def jit(fn):
     return triton.jit(fn, do_not_specialize=[name for name in names if name in _INDEX_ONLY])
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (index None: the current one): how many programs fill it."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device: how many programs fill it (split choices size to it)."""
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 

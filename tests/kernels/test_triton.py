@@ -336,39 +336,42 @@ def test_stride_phases_partition_the_kernel_taps(stride, dilation, kernel):
     assert sorted(covered) == list(range(kernel))
 
 
-@pytest.mark.parametrize(
-    ("dtype", "precision", "register_path"),
-    [(torch.float32, "tf32", True), (torch.bfloat16, "tf32", False), (torch.float32, "ieee", False)],
-)
-def test_one_stage_tiles_are_offered_for_tf32_grad_weight_only(monkeypatch, dtype, precision, register_path):
-    """grad_weight's autotuner also tries one-stage (register path) tiles, and only for 4-byte tensor-core operands."""
-    from kernels import triton_tuning
-
-    monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)  # the GPU's config space
-    monkeypatch.setenv("CONV_TRITON_AUTOTUNE", "1")
-    pointers = {name: torch.empty(1, dtype=dtype) for name in ("input_ptr", "grad_output_ptr")}
-    pointers["workspace_ptr"] = torch.empty(1, dtype=torch.float32)
-    prune = triton_tuning.prune(lambda args: {"BLOCK_M": 1024, "BLOCK_N": 1024, "BLOCK_K": 1024})["early_config_prune"]
-    kept = prune(triton_tuning.configs(register_path=True), {**pointers, "PRECISION": precision})
-    one_stage = [config for config in kept if config.num_stages == 1]
-    assert bool(one_stage) == register_path
-    assert all(set(config.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} for config in kept)  # markers dropped
-    # Without register_path (forward, grad_input) no one-stage tile is ever offered.
-    assert not [c for c in prune(triton_tuning.configs(), {**pointers, "PRECISION": precision}) if c.num_stages == 1]
-
-
-def test_a_float32_workspace_does_not_make_16_bit_operands_four_byte(monkeypatch):
-    """A split forward writes float32 partials through output_ptr: bf16 operands still get the 64-deep K tiles."""
+@pytest.fixture
+def gpu_prune(monkeypatch):
+    """The GPU's config space (autotuning on, no interpreter) and its prune with no tile caps: (configs, prune)."""
     from kernels import triton_tuning
 
     monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)
     monkeypatch.setenv("CONV_TRITON_AUTOTUNE", "1")
     prune = triton_tuning.prune(lambda args: {"BLOCK_M": 1024, "BLOCK_N": 1024, "BLOCK_K": 1024})["early_config_prune"]
+    return triton_tuning.configs, prune
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision", "register_path"),
+    [(torch.float32, "tf32", True), (torch.bfloat16, "tf32", False), (torch.float32, "ieee", False)],
+)
+def test_one_stage_tiles_are_offered_for_tf32_grad_weight_only(gpu_prune, dtype, precision, register_path):
+    """grad_weight's autotuner also tries one-stage (register path) tiles, and only for 4-byte tensor-core operands."""
+    configs, prune = gpu_prune
+    pointers = {name: torch.empty(1, dtype=dtype) for name in ("input_ptr", "grad_output_ptr")}
+    pointers["workspace_ptr"] = torch.empty(1, dtype=torch.float32)
+    kept = prune(configs(register_path=True), {**pointers, "PRECISION": precision})
+    one_stage = [config for config in kept if config.num_stages == 1]
+    assert bool(one_stage) == register_path
+    assert all(set(config.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} for config in kept)  # markers dropped
+    # Without register_path (forward, grad_input) no one-stage tile is ever offered.
+    assert not [c for c in prune(configs(), {**pointers, "PRECISION": precision}) if c.num_stages == 1]
+
+
+def test_a_float32_workspace_does_not_make_16_bit_operands_four_byte(gpu_prune):
+    """A split forward writes float32 partials through output_ptr: bf16 operands still get the 64-deep K tiles."""
+    configs, prune = gpu_prune
 
     def deepest_k(operand_dtype):
         args = {"input_ptr": torch.empty(1, dtype=operand_dtype), "weight_ptr": torch.empty(1, dtype=operand_dtype)}
         args["output_ptr"] = torch.empty(1, dtype=torch.float32)
-        return max(config.kwargs["BLOCK_K"] for config in prune(triton_tuning.configs(), {**args, "PRECISION": "tf32"}))
+        return max(config.kwargs["BLOCK_K"] for config in prune(configs(), {**args, "PRECISION": "tf32"}))
 
     assert deepest_k(torch.bfloat16) == 64
     assert deepest_k(torch.float32) == 32
