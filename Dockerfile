@@ -30,12 +30,15 @@ COPY deploy/docker/healthcheck.py /opt/convservice/healthcheck.py
 # CONV_HOST is 0.0.0.0 here because the container's port is published; the server's default
 # (127.0.0.1) is right only outside a container. CONV_DEVICE=auto uses the GPU when the container
 # has one (compose and Kubernetes ask for cuda explicitly). HOME holds Triton's cache (~/.triton).
+# CONV_COMPILE=off: the runtime image has no C++ compiler, which compiling CPU depthwise kernels needs
+# (kernels/compiled.py); GPU work does not use it.
 ENV HOME=/home/conv \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CONV_HOST=0.0.0.0 \
     CONV_PORT=8000 \
     CONV_DEVICE=auto \
+    CONV_COMPILE=off \
     CONV_LOG_LEVEL=info
 
 # Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.

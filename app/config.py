@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         True, description="glibc: keep freed blocks up to 32 MiB for reuse instead of fresh pages per request (app/memory.py)."
     )
     warmup: bool = Field(True, description="Run a small conv on each device at start-up before /readyz turns 200.")
+    compile: Literal["background", "off"] = Field(
+        "background",
+        description="CPU depthwise convs (stride 1): compile each problem's exact shapes with torch.compile in a background thread "
+        "(needs a C++ compiler; the eager path serves until then, and for good if compiling fails), or off (kernels/compiled.py).",
+    )
     log_level: LogLevel = Field("info", description="uvicorn and app log level.")
     api_key: SecretStr | None = Field(None, description="When set, /forward and /backward need Authorization: Bearer <key>.")
 

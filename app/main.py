@@ -22,6 +22,7 @@ from app.parsing import BodyParser
 from app.routes import backward, forward, health, info, v2
 from app.schemas import BackwardRequest, ForwardRequest
 from app.worker import DeviceWorker
+from kernels import compiled
 
 log = logging.getLogger("app")
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kernels.set_limits(reference_max_macs=settings.reference_max_macs, im2col_workspace_bytes=settings.workspace_bytes)
+        compiled.set_mode(settings.compile)
         if settings.malloc_reuse:
             memory.keep_freed_memory()
         workers = {name: DeviceWorker(torch.device(name), settings.queue_size, settings.retry_after_s) for name in devices}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from app.memory import keep_freed_memory
+from kernels import compiled
 
 BATCH = 4
 
@@ -215,6 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="reuse",
         help="reuse: glibc keeps freed blocks, as the service runs (CONV_MALLOC_REUSE, app/memory.py); default: glibc's own",
     )
+    parser.add_argument(
+        "--compile",
+        choices=("sync", "off"),
+        default="sync",
+        help="sync: compile where a kernel can (kernels/compiled.py) during the warm-up, so the timed reps see the steady state; off: eager paths only",
+    )
     parser.add_argument("--json", help="write the raw medians and ratios to this file")
     parser.add_argument("--plot", help="draw the ratio per shape to this PNG (needs matplotlib; imported only then)")
     parser.add_argument("--plot-provider", default="auto", help="which of our providers --plot draws (default auto)")
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("note: --malloc reuse needs glibc; measuring with the C library's defaults")
     global _clock
     _clock = CLOCKS[args.clock]
+    compiled.set_mode(args.compile)
 
     chosen = list(SHAPES) if args.shapes == "all" else [ALIASES.get(s.strip(), s.strip()) for s in args.shapes.split(",")]
     unknown = [s for s in chosen if s not in SHAPES]
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']}, mkldnn={info['mkldnn']})")
     print(
         f"batch {args.batch}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps; "
-        f"malloc {args.malloc}"
+        f"malloc {args.malloc}; compile {args.compile}"
     )
     ours = [n for n in names if n != TORCH]
     header = f"{'shape':<20} {'nn.Conv2d fwd / fwd+bwd':>24} | " + " | ".join(f"{n + ' fwd  fwd+bwd':>22}" for n in ours)
@@ -264,12 +272,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("-" * len(header))
     print(f"{'geomean ours/torch (shapes run)':<44} | " + " | ".join(_cell(means[n]) for n in ours))
     print(f"{'worst shape':<44} | " + " | ".join(_cell(worst[n]) for n in ours))
+    compile_stats = compiled.stats()
+    print(f"compiled kernels: {compile_stats['compiled']}, calls {compile_stats['calls']}, failed: {compile_stats['failed']}")
     report = {
         "machine": info,
         "batch": args.batch,
         "layout": layout,
         "clock": args.clock,
         "malloc": args.malloc,
+        "compile": compile_stats,
         "reps": args.reps,
         "shapes": results,
         "geomean": means,

@@ -28,6 +28,10 @@ planes, with no per-tap window on the output. At the service's usual batch of on
 shifts negated, and grad_weight pairs the same reads with the input, per tap; small problems instead
 stack a copy per kernel column so that all taps' reads are one strided view, and grad_weight is one
 multiply and one sum (`_one_view_backward`).
+
+On the CPU, stride-1 problems of `depthwise_compiled.MIN_MACS` and up first ask it for code compiled for
+their exact shapes (one loop nest per pass instead of one pass per tap); until it is compiled, or where
+compiling is off or failed, the paths above run.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from functools import lru_cache
 
 import torch
 
+from kernels import depthwise_compiled
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
@@ -355,7 +360,8 @@ class Depthwise(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            notes="depthwise only (C_in/groups == 1, any multiplier): one fused multiply-add per kernel tap over whole planes",
+            notes="depthwise only (C_in/groups == 1, any multiplier): one fused multiply-add per kernel tap over whole planes; "
+            "on CPU, stride 1, once compiled for the problem's shapes: one loop nest over all taps (kernels/compiled.py)",
         )
 
     def check(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
@@ -373,6 +379,10 @@ class Depthwise(ConvAlgorithm):
         """input (N, C, H, W), weight (C*m, 1, kH, kW) -> (N, C*m, H_out, W_out) in input's memory format."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+        if depthwise_compiled.eligible(input, weight, spec):
+            output = depthwise_compiled.forward(input, weight, bias, spec)
+            if output is not None:
+                return output
         if _flat_eligible(input, weight, spec):
             output = _flat_forward(input, weight, bias, spec)
             if output is not None:
@@ -410,6 +420,10 @@ class Depthwise(ConvAlgorithm):
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
+        if depthwise_compiled.eligible(input, weight, spec):
+            grads = depthwise_compiled.backward(grad_output.contiguous(), input, weight, spec, need_input, need_weight)
+            if grads is not None:
+                return grads
         if _flat_eligible(input, weight, spec):
             grads = _flat_backward(grad_output.contiguous(), input, weight, spec, need_input, need_weight)
             if grads is not None:

@@ -1,4 +1,4 @@
-"""GET /info: versions, devices, algorithms and what each supports, dtypes with tolerances, limits."""
+"""GET /info: versions, devices, algorithms and what each supports, compiled CPU kernels, dtypes with tolerances, limits."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import kernels
 from app.codec import DTYPE_NAMES
 from app.deps import SettingsDep, WorkersDep
 from app.service import default_device
+from kernels import compiled
 from kernels.tolerances import TOLERANCES
 
 router = APIRouter()
@@ -51,6 +52,7 @@ async def info(settings: SettingsDep, workers: WorkersDep) -> dict[str, Any]:
         "devices": [{**_device_info(name), "ready": worker.ready, "healthy": worker.healthy} for name, worker in workers.items()],
         "default_device": default_device(settings, workers) if workers else None,
         "algorithms": kernels.algorithms(),
+        "compiled_kernels": compiled.stats(),
         "dtypes": {DTYPE_NAMES[dtype]: {"atol": atol, "rtol": rtol} for dtype, (atol, rtol) in TOLERANCES.items()},
         "encodings": ["list", "flat", "base64"],
         "non_finite": {"NaN": "NaN", "+inf": "Infinity", "-inf": "-Infinity"},

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.main import create_app
+from kernels import compiled
 
 
 def test_defaults(monkeypatch) -> None:
@@ -44,6 +45,7 @@ def test_empty_api_key_means_no_auth(monkeypatch) -> None:
         ("CONV_REQUEST_TIMEOUT_S", "0"),
         ("CONV_LOG_LEVEL", "loud"),
         ("CONV_MAX_TENSOR_ELEMENTS", "0"),
+        ("CONV_COMPILE", "sync"),  # kernels' "sync" compiles inside requests: not a server mode
     ],
 )
 def test_bad_values_are_refused(monkeypatch, name: str, value: str) -> None:
@@ -55,3 +57,12 @@ def test_bad_values_are_refused(monkeypatch, name: str, value: str) -> None:
 def test_absent_device_is_refused_at_start_up() -> None:
     with pytest.raises(ValueError, match="CONV_DEVICE"):
         create_app(Settings(device="cuda:99"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["background", "off"])
+async def test_compile_mode_reaches_the_kernels_at_start_up(mode: str) -> None:
+    app = create_app(Settings(compile=mode, warmup=False, parse_processes=0))
+    with compiled.mode("sync"):
+        async with app.router.lifespan_context(app):
+            assert compiled.get_mode() == mode

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.schemas import FORWARD_EXAMPLE
+from kernels.tolerances import tolerance
 from tests.app.helpers import from_json, nn_conv_grads, seed_body, seed_problem, to_json
 from tests.integration.conftest import API_KEY, start, stop, wait_ready
 
@@ -290,3 +291,40 @@ async def test_two_processes_share_the_port_and_the_cores(tmp_path) -> None:
         assert statuses == [200] * 12
     finally:
         stop(server)
+
+
+async def test_depthwise_compiles_in_the_background_then_serves_compiled_code(plain) -> None:
+    """CONV_COMPILE=background (the default): the first stride-1 depthwise request is answered by the eager path
+    while its exact shapes compile; once /info counts them, the same requests run the compiled code, same numbers."""
+    torch.manual_seed(12)
+    x, conv = torch.randn(1, 32, 32, 32), torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # 295K MACs: past MIN_MACS
+    grad_output = torch.randn(1, 32, 32, 32)
+    expected = nn_conv_grads(x, conv, grad_output=grad_output)
+    forward_body = {**seed_body(x, conv, "base64"), "groups": 32}
+    backward_body = {**forward_body, "grad_output": to_json(grad_output, "base64")}
+
+    async def check() -> None:
+        forward = await post(plain.url, "/forward", forward_body)
+        assert forward.status_code == 200, forward.text
+        assert forward.json()["parity"]["ok"]
+        close(forward.json()["output"], expected["output"])
+        backward = await post(plain.url, "/backward", backward_body)
+        assert backward.status_code == 200, backward.text
+        assert backward.json()["parity"]["ok"]
+        atol, rtol = tolerance(torch.float32)  # sums over 1,024 pixels: the float32 row, not close()'s 1e-6
+        for name in ("grad_input", "grad_weight", "grad_bias"):
+            torch.testing.assert_close(from_json(backward.json()[name]), expected[name], atol=atol, rtol=rtol)
+
+    async with httpx.AsyncClient(base_url=plain.url, timeout=30) as client:
+        before = (await client.get("/info")).json()["compiled_kernels"]
+        assert before["mode"] == "background" and before["failed"] is None, before
+        await check()  # eager, and queues the compiles
+        deadline = time.monotonic() + 240
+        while (stats := (await client.get("/info")).json()["compiled_kernels"])["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert stats["failed"] is None, stats
+        assert stats["pending"] == 0, f"compiles still pending after 240 s: {stats}"
+        assert stats["compiled"] >= before["compiled"] + 2, stats  # forward and backward
+        await check()
+        after = (await client.get("/info")).json()["compiled_kernels"]
+        assert after["calls"] >= stats["calls"] + 2, f"the compiled code did not run in the server: {after}"

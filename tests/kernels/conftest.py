@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import compiled
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -22,6 +23,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def eager_unless_asked():
+    """No background compiles here (kernels/compiled.py): a test's result must not depend on whether a
+    compile in another thread finished first. The compiled path's own tests ask for "sync" mode."""
+    with compiled.mode("off"):
+        yield
 
 
 @pytest.fixture

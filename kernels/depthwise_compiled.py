@@ -1,0 +1,109 @@
+"""Stride-1 depthwise conv on the CPU as tap sums compiled into one loop nest per pass (kernels/compiled.py).
+
+With xp the input zero-padded, g grad_output, w (C, kH, kW), d the dilation:
+    output[n, c, y, x]   = bias[c] + sum_{i,j} w[c, i, j] * xp[n, c, y + i*dh, x + j*dw]
+    grad_input           = the same sum over g zero-padded by (k-1)*d - padding, with w flipped
+    grad_weight[c, i, j] = sum_{n,y,x} xp[n, c, y + i*dh, x + j*dw] * g[n, c, y, x]
+Eagerly each tap is a pass over memory (kernels/depthwise.py); compiled, each line above reads its
+operands once. The padding stays an eager copy: in the graph, Inductor turns it into masked vector
+loads on every tap, which ran 4x slower (860 vs 208 us on dw 96x28 at batch 4).
+
+Until a problem's functions are compiled (in the background, for its exact shapes), `forward` and
+`backward` return None and the caller runs the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import compiled
+from kernels.limits import macs
+from kernels.params import ConvSpec
+
+# Below this, the eager flat path's ~10 ops cost about what a compiled call's guards and padding cost.
+MIN_MACS = 1 << 18
+DTYPES = (torch.float32, torch.float64)
+
+
+def eligible(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
+    """CPU, float32/64, stride 1, multiplier 1, NCHW input, padding within the kernel's reach, not under grad mode."""
+    batch, channels, height, width = input.shape
+    kernel_h, kernel_w = weight.shape[2:]
+    top, bottom, left, right = spec.padding
+    reach_h, reach_w = spec.dilation[0] * (kernel_h - 1), spec.dilation[1] * (kernel_w - 1)
+    return (
+        input.device.type == "cpu"
+        and input.dtype in DTYPES
+        and spec.stride == (1, 1)
+        and weight.shape[0] == channels
+        and max(top, bottom) <= reach_h
+        and max(left, right) <= reach_w
+        and height + top + bottom > reach_h
+        and width + left + right > reach_w
+        and input.is_contiguous()
+        and not torch.is_grad_enabled()
+        and macs(batch, channels, height + top + bottom - reach_h, width + left + right - reach_w, 1, kernel_h, kernel_w) >= MIN_MACS
+    )
+
+
+def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor | None:
+    """input (N, C, H, W) contiguous, weight (C, 1, kH, kW) -> (N, C, H_out, W_out), or None (not compiled yet)."""
+    top, bottom, left, right = spec.padding
+    taps = weight.view(weight.shape[0], *weight.shape[2:]).contiguous()
+    return compiled.run(_forward, F.pad(input, (left, right, top, bottom)), taps, bias, *spec.dilation)
+
+
+def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool):
+    """(grad_input (N, C, H, W) or None, grad_weight (C, 1, kH, kW) or None), or None (not compiled yet).
+
+    grad_output (N, C, H_out, W_out) contiguous.
+    """
+    top, bottom, left, right = spec.padding
+    reach_h, reach_w = spec.dilation[0] * (weight.shape[2] - 1), spec.dilation[1] * (weight.shape[3] - 1)
+    grads = compiled.run(
+        _backward,
+        F.pad(grad_output, (reach_w - left, reach_w - right, reach_h - top, reach_h - bottom)) if need_input else None,
+        weight.view(weight.shape[0], *weight.shape[2:]).contiguous(),
+        F.pad(input, (left, right, top, bottom)) if need_weight else None,
+        grad_output,
+        *spec.dilation,
+    )
+    if grads is None:
+        return None
+    grad_input, grad_weight = grads
+    return grad_input, None if grad_weight is None else grad_weight.view(weight.shape)
+
+
+def _tap_sum(source: torch.Tensor, taps: torch.Tensor, dil_h: int, dil_w: int) -> torch.Tensor:
+    """source (N, C, Hs, Ws), taps (C, kH, kW) -> (N, C, Hs - dil_h*(kH-1), Ws - dil_w*(kW-1)): sum of w * shifted source."""
+    kernel_h, kernel_w = taps.shape[1:]
+    out_h, out_w = source.shape[2] - dil_h * (kernel_h - 1), source.shape[3] - dil_w * (kernel_w - 1)
+    total = None
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            window = source[:, :, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w]
+            term = window * taps[:, i, j].view(1, -1, 1, 1)
+            total = term if total is None else total + term
+    return total
+
+
+def _forward(padded_input, taps, bias, dil_h: int, dil_w: int):
+    output = _tap_sum(padded_input, taps, dil_h, dil_w)
+    return output if bias is None else output + bias.view(1, -1, 1, 1)
+
+
+def _backward(padded_grad, taps, padded_input, grad_output, dil_h: int, dil_w: int):
+    grad_input = grad_weight = None
+    if padded_grad is not None:
+        grad_input = _tap_sum(padded_grad, taps.flip(1, 2), dil_h, dil_w)
+    if padded_input is not None:
+        kernel_h, kernel_w = taps.shape[1:]
+        out_h, out_w = grad_output.shape[2:]
+        sums = [
+            (padded_input[:, :, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w] * grad_output).sum(dim=(0, 2, 3))
+            for i in range(kernel_h)
+            for j in range(kernel_w)
+        ]
+        grad_weight = torch.stack(sums, dim=1)  # (C, kH*kW)
+    return grad_input, grad_weight

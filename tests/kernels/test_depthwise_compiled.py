@@ -1,0 +1,143 @@
+"""The depthwise algorithm's compiled path (kernels/depthwise_compiled.py, through kernels/compiled.py).
+
+Each case is compiled for real ("sync" mode: on the test's thread) and checked against the float64
+oracle, output and every gradient, with the compiled code shown to have run (no eager fallback). The
+cases are small (the size floor MIN_MACS is lifted): a compile costs seconds whatever the size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from kernels import compiled, depthwise_compiled
+from kernels.params import normalize
+from tests.kernels.cases import GRAD_NAMES, Case, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+from tests.kernels.op_spy import forbidden
+
+
+def depthwise_case(name: str, channels: int = 3, **kwargs) -> Case:
+    return Case(name, in_channels=channels, out_channels=channels, groups=channels, **kwargs)
+
+
+CASES = [
+    depthwise_case("3x3_pad1", padding=1, batch=3, size=(7, 9)),
+    depthwise_case("5x5_dilated_asymmetric", kernel_size=(5, 3), padding=(3, 1), dilation=(2, 1), size=(11, 6), bias=False),
+    depthwise_case("even_same", kernel_size=(2, 4), padding="same", size=(6, 7)),
+    depthwise_case("valid", padding=0, channels=2, batch=1, size=(5, 8)),
+]
+
+
+@pytest.fixture
+def compile_sync(monkeypatch):
+    """Compile on the calling thread, for problems of any size; stats from zero."""
+    monkeypatch.setattr(depthwise_compiled, "MIN_MACS", 0)
+    compiled.reset()
+    with compiled.mode("sync"):
+        yield
+    compiled.reset()
+
+
+def _spec(case: Case, input, weight, bias):
+    return normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
+
+
+def _assert_compiled_ran(before: dict) -> None:
+    after = compiled.stats()
+    assert after["failed"] is None, f"compiling failed: {after['failed']}"
+    assert after["compiled"] > before["compiled"], "nothing was compiled"
+    assert after["calls"] > before["calls"], "the compiled code did not run"
+
+
+# float32 on the first case only: each case compiles for seconds.
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32)],
+    ids=lambda value: getattr(value, "id", str(value)),
+)
+def test_compiled_path_matches_the_oracle(case, dtype, compile_sync):
+    input, weight, bias = make_inputs(case, dtype, "cpu", seed=3)
+    with torch.no_grad():
+        assert depthwise_compiled.eligible(input, weight, _spec(case, input, weight, bias)), f"{case.id} is not eligible"
+    before = compiled.stats()
+    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
+    output = our_conv(case, input, weight, bias, "depthwise")
+    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
+    assert_parity("output", output, exact, dtype)
+    grad_output = torch.randn(exact.shape, generator=seeded(4), dtype=torch.float64)
+    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
+        assert_parity(name, actual, wanted, dtype)
+    _assert_compiled_ran(before)
+
+
+@pytest.mark.parametrize("wanted", ["input", "weight"])
+def test_one_gradient_alone(wanted, compile_sync):
+    """Backward compiled for one gradient (autograd asks only for what requires grad)."""
+    case = CASES[0]
+    input, weight, _ = make_inputs(case, torch.float64, "cpu", seed=5)
+    input, weight = input.detach().requires_grad_(wanted == "input"), weight.detach().requires_grad_(wanted == "weight")
+    leaf = input if wanted == "input" else weight
+    before = compiled.stats()
+    output = our_conv(case, input, weight, None, "depthwise")
+    exact_leaves = [tensor.detach().requires_grad_(True) for tensor in (input, weight)]
+    exact = torch_conv(case, *exact_leaves, None)
+    grad_output = torch.randn(exact.shape, generator=seeded(6), dtype=torch.float64)
+    expected = grads(exact, grad_output, exact_leaves)[0 if wanted == "input" else 1]
+    assert_parity(f"grad_{wanted}", grads(output, grad_output, [leaf])[0], expected, torch.float64)
+    _assert_compiled_ran(before)
+
+
+def test_under_inference_mode_as_the_service_calls_it(compile_sync):
+    """The service's /forward runs under torch.inference_mode: padded inputs are inference tensors there."""
+    case = CASES[0]
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=7)
+    before = compiled.stats()
+    with torch.inference_mode():
+        output = our_conv(case, input, weight, bias, "depthwise")
+        again = our_conv(case, input, weight, bias, "depthwise")
+    assert_parity("output", output, torch_conv(case, input, weight, bias), torch.float64)
+    assert torch.equal(output, again)
+    _assert_compiled_ran(before)
+
+
+def test_the_compiled_graphs_hold_no_conv_op():
+    """What Inductor is given for forward and backward: aten ops with no convolution among them."""
+    padded, taps, bias, grad = torch.randn(2, 3, 8, 9), torch.randn(3, 3, 3), torch.randn(3), torch.randn(2, 3, 6, 7)
+    padded_grad = torch.randn(2, 3, 10, 11)
+    graphs = {
+        "forward": make_fx(depthwise_compiled._forward)(padded, taps, bias, 1, 1),
+        "backward": make_fx(depthwise_compiled._backward)(padded_grad, taps, padded, grad, 1, 1),
+    }
+    for name, graph in graphs.items():
+        ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert any("mul" in op for op in ops), f"{name}: no multiply traced ({ops})"
+        assert not forbidden(ops), f"{name} holds torch conv ops: {forbidden(ops)}"
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        (depthwise_case("strided", padding=1, stride=2, size=(8, 8)), "stride 2"),
+        (Case("multiplier", in_channels=3, out_channels=6, groups=3, padding=1), "channel multiplier 2"),
+        (depthwise_case("channels_last", padding=1, layout="channels_last"), "channels_last input"),
+        (depthwise_case("padding_past_the_kernel", padding=3), "padding beyond the kernel's reach"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value.id,
+)
+def test_problems_the_compiled_path_leaves_to_the_eager_one(case, why, compile_sync):
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=8)
+    with torch.no_grad():
+        assert not depthwise_compiled.eligible(input, weight, _spec(case, input, weight, bias)), why
+    output = our_conv(case, input, weight, bias, "depthwise")
+    assert_parity("output", output, torch_conv(case, input, weight, bias), torch.float64)
+    assert compiled.stats()["compiled"] == 0
+
+
+def test_small_problems_stay_eager(compile_sync, monkeypatch):
+    monkeypatch.setattr(depthwise_compiled, "MIN_MACS", 1 << 18)
+    case = CASES[0]  # 3 x 3 x 7 x 9 x 9 taps: ~5K MACs
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=9)
+    with torch.no_grad():
+        assert not depthwise_compiled.eligible(input, weight, _spec(case, input, weight, bias))
