@@ -37,7 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("background", "sync", "off")
-MAX_COMPILED = 32
+MAX_COMPILED = 64
 
 
 class _State:
@@ -82,22 +82,36 @@ def run(function: Callable, *args) -> object | None:
     Arguments are tensors (CPU), ints and None. Without compiled code the key is queued (or, in "sync"
     mode, compiled here), and the caller takes its eager path. Call it with grad mode off.
     """
+    compiled = _lookup(function, args)
+    if compiled is None:
+        return None
+    _state.calls += 1
+    return compiled(*args)
+
+
+def ready(function: Callable, *args) -> bool:
+    """Whether `run(function, *args)` would run compiled code; if not, its key is queued as by `run`.
+
+    Tensors may be on the meta device (only shapes, strides and dtypes count): a caller with several
+    stages asks for all of them before computing anything, so one call queues every stage's compile.
+    """
+    return _lookup(function, args) is not None
+
+
+def _lookup(function: Callable, args: tuple) -> Callable | None:
     if _state.mode == "off":
         return None
     key = (function, tuple(_signature(arg) for arg in args), torch.get_num_threads())
     compiled = _state.ready.get(key)
-    if compiled is not None:
-        _state.calls += 1
-        return compiled(*args)
-    if _state.failed is not None:
-        return None
+    if compiled is not None or _state.failed is not None:
+        return compiled
     with _state.lock:
         if key in _state.pending or len(_state.ready) + len(_state.pending) >= MAX_COMPILED:
             return None
         _state.pending.add(key)
     if _state.mode == "sync":
         _compile(key)
-        return run(function, *args) if key in _state.ready else None
+        return _state.ready.get(key)
     _state.queue.put(key)
     _start_worker()
     return None
@@ -105,7 +119,7 @@ def run(function: Callable, *args) -> object | None:
 
 def _signature(arg) -> tuple | int | None:
     if isinstance(arg, torch.Tensor):
-        if arg.device.type != "cpu":
+        if arg.device.type not in ("cpu", "meta"):
             raise ValueError(f"compiled.run takes CPU tensors, got one on {arg.device}")
         return (tuple(arg.shape), arg.stride(), arg.dtype)
     if arg is None or isinstance(arg, int):
@@ -117,6 +131,11 @@ def _example(signature: tuple) -> torch.Tensor:
     """A tensor like the one `signature` describes (values are irrelevant: the code has no data-dependent branches)."""
     shape, stride, dtype = signature
     return torch.empty_strided(shape, stride, dtype=dtype).zero_()
+
+
+def available() -> bool:
+    """Whether compiled code can be had in this process (mode not "off", no failure); `auto` reads it."""
+    return _state.mode != "off" and _state.failed is None
 
 
 def wait(timeout: float | None = None) -> bool:

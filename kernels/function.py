@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import compiled
 from kernels import padding as padding_modes
 from kernels.base import ConvAlgorithm, get
 from kernels.limits import get_limits
@@ -119,6 +120,7 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
         torch.get_num_threads(),
         torch.backends.cudnn.enabled,
         get_limits(),
+        compiled.available(),  # "auto" prefers winograd on the CPU where its transforms compile
     )
     plan = _PLANS.get(key)
     if plan is None:

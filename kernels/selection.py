@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import shifted_gemm
+from kernels import compiled, shifted_gemm
 from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, registered
 from kernels.limits import macs
 from kernels.params import ConvSpec
@@ -69,6 +69,9 @@ MAX_SHIFTED_WASTE = 1.15
 # 1.86/1.68; direct calls, ms, winograd vs shifted_gemm fwd / fwd+bwd: 64x56 12.8/39.7 vs 11.6/35.1,
 # 64x64 16.9/51.7 vs 15.9/46.2, but 96x56 22.9/66.2 vs 28.0/81.1 and 128x56 34.2/100 vs 53.4/159.
 # At 1 thread (CPU clock) 64x56 is a tie or a winograd win (1.71/1.52 vs 1.85/1.68; 1.48/1.39 vs 1.51/1.37).
+# Not where winograd's transforms compile (round 14, kernels/winograd_compiled.py): same process, N=4,
+# 2 threads, 64x56 fwd / fwd+bwd winograd compiled 1.34/1.10 vs shifted_gemm 1.44/1.18 (eager winograd
+# 1.55/1.28, which is what runs until the compile is done).
 SHIFTED_OVER_WINOGRAD_THREADS = 2
 SHIFTED_OVER_WINOGRAD_MAX_CHANNELS = 64
 # winograd also needs its 16 per-position GEMMs (M = tiles, N*ceil(H_out/2)*ceil(W_out/2); K =
@@ -102,7 +105,8 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
     if name == "winograd":
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
-        if threaded and few_channels and _worth_running("shifted_gemm", input, weight, spec):
+        compiles = input.device.type == "cpu" and compiled.available()  # kernels/winograd_compiled.py
+        if threaded and few_channels and not compiles and _worth_running("shifted_gemm", input, weight, spec):
             return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)

@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from kernels import winograd_compiled
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, get, register
 from kernels.im2col import _row_blocks
 from kernels.limits import get_limits
@@ -297,6 +298,10 @@ class Winograd(ConvAlgorithm):
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+        if winograd_compiled.eligible(input):  # once compiled for these shapes: one pass per transform
+            output = winograd_compiled.forward(input, weight, bias, spec.padding)
+            if output is not None:
+                return output
         if input.is_contiguous() and min(input.shape[2:]) >= NCHW_MIN_SIZE:  # no layout copies (`_nchw_winograd`)
             output = _nchw_winograd(input, weight, spec.padding)
             return output if bias is None else output + bias.view(-1, 1, 1)
@@ -313,7 +318,9 @@ class Winograd(ConvAlgorithm):
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         grad_input = grad_weight = None
-        if need_input:
+        if need_input and winograd_compiled.eligible(grad_output.contiguous()):
+            grad_input = winograd_compiled.grad_input(grad_output.contiguous(), weight, spec)
+        if need_input and grad_input is None:
             top, bottom, left, right = spec.padding
             grid, out_hw = _tile_input(grad_output, (2 - top, 2 - bottom, 2 - left, 2 - right))
             flipped = _transformed_weight(weight.flip(2, 3).transpose(0, 1))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import compiled
 from kernels.params import normalize
 from kernels.tolerances import tolerance
 
@@ -244,3 +245,11 @@ def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda message: f"{name}: {message}")
+
+
+def assert_compiled_ran(before: dict) -> None:
+    """Since `before` (kernels.compiled.stats()), something was compiled, and compiled code ran, without a failure."""
+    after = compiled.stats()
+    assert after["failed"] is None, f"compiling failed: {after['failed']}"
+    assert after["compiled"] > before["compiled"], "nothing was compiled"
+    assert after["calls"] > before["calls"], "the compiled code did not run"

@@ -34,6 +34,15 @@ def eager_unless_asked():
 
 
 @pytest.fixture
+def compile_sync():
+    """Compile on the test's own thread (kernels/compiled.py "sync"), stats from zero."""
+    compiled.reset()
+    with compiled.mode("sync"):
+        yield
+    compiled.reset()
+
+
+@pytest.fixture
 def restore_limits():
     """kernels' limits as they were before the test, checked."""
     saved = kernels.get_limits()

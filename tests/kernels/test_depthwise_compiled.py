@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from kernels import compiled, depthwise_compiled
 from kernels.params import normalize
-from tests.kernels.cases import GRAD_NAMES, Case, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+from tests.kernels.cases import GRAD_NAMES, Case, assert_compiled_ran, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
 from tests.kernels.op_spy import forbidden
 
 
@@ -30,24 +30,13 @@ CASES = [
 
 
 @pytest.fixture
-def compile_sync(monkeypatch):
-    """Compile on the calling thread, for problems of any size; stats from zero."""
+def compile_sync(compile_sync, monkeypatch):
+    """The package's compile_sync, for problems of any size."""
     monkeypatch.setattr(depthwise_compiled, "MIN_MACS", 0)
-    compiled.reset()
-    with compiled.mode("sync"):
-        yield
-    compiled.reset()
 
 
 def _spec(case: Case, input, weight, bias):
     return normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
-
-
-def _assert_compiled_ran(before: dict) -> None:
-    after = compiled.stats()
-    assert after["failed"] is None, f"compiling failed: {after['failed']}"
-    assert after["compiled"] > before["compiled"], "nothing was compiled"
-    assert after["calls"] > before["calls"], "the compiled code did not run"
 
 
 # float32 on the first case only: each case compiles for seconds.
@@ -69,7 +58,7 @@ def test_compiled_path_matches_the_oracle(case, dtype, compile_sync):
     grad_output = torch.randn(exact.shape, generator=seeded(4), dtype=torch.float64)
     for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
         assert_parity(name, actual, wanted, dtype)
-    _assert_compiled_ran(before)
+    assert_compiled_ran(before)
 
 
 @pytest.mark.parametrize("wanted", ["input", "weight"])
@@ -86,7 +75,7 @@ def test_one_gradient_alone(wanted, compile_sync):
     grad_output = torch.randn(exact.shape, generator=seeded(6), dtype=torch.float64)
     expected = grads(exact, grad_output, exact_leaves)[0 if wanted == "input" else 1]
     assert_parity(f"grad_{wanted}", grads(output, grad_output, [leaf])[0], expected, torch.float64)
-    _assert_compiled_ran(before)
+    assert_compiled_ran(before)
 
 
 def test_under_inference_mode_as_the_service_calls_it(compile_sync):
@@ -99,7 +88,7 @@ def test_under_inference_mode_as_the_service_calls_it(compile_sync):
         again = our_conv(case, input, weight, bias, "depthwise")
     assert_parity("output", output, torch_conv(case, input, weight, bias), torch.float64)
     assert torch.equal(output, again)
-    _assert_compiled_ran(before)
+    assert_compiled_ran(before)
 
 
 def test_the_compiled_graphs_hold_no_conv_op():

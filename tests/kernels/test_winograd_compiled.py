@@ -1,0 +1,64 @@
+"""The winograd algorithm with its tile transforms compiled (kernels/winograd_compiled.py).
+
+Compiled for real ("sync" mode), checked against the float64 oracle, output and every gradient, with
+the compiled code shown to have run. Small problems: a compile costs seconds whatever the size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import compiled, winograd_compiled
+from kernels.params import normalize
+from kernels.selection import choose
+from tests.kernels.cases import GRAD_NAMES, Case, assert_compiled_ran, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+
+CASES = [
+    Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 8)),
+    Case("odd_output_cropped", in_channels=2, out_channels=3, padding=1, batch=1, size=(7, 5), bias=False),
+    Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(6, 9)),
+    # padding 3 > 2: grad_input's padding (2 - 3) would be negative, so it stays eager; forward compiles
+    Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(5, 6)),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32)],
+    ids=lambda value: getattr(value, "id", str(value)),
+)
+def test_compiled_transforms_match_the_oracle(case, dtype, compile_sync):
+    input, weight, bias = make_inputs(case, dtype, "cpu", seed=21)
+    before = compiled.stats()
+    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
+    output = our_conv(case, input, weight, bias, "winograd")
+    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
+    assert_parity("output", output, exact, dtype)
+    grad_output = torch.randn(exact.shape, generator=seeded(22), dtype=torch.float64)
+    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
+        assert_parity(name, actual, wanted, dtype)
+    assert_compiled_ran(before)
+
+
+def test_grad_input_compiles_only_within_its_padding(compile_sync):
+    """grad_input is the forward on grad_output padded by 2 - padding: none for padding 3."""
+    case = CASES[3]
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=23)
+    spec = normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
+    grad = torch.randn(input.shape[0], weight.shape[0], *spec.output_size(*input.shape[2:], 3, 3), dtype=torch.float64)
+    with torch.no_grad():
+        assert winograd_compiled.grad_input(grad, weight, spec) is None
+        assert winograd_compiled.forward(input, weight, bias, spec.padding) is not None
+
+
+def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(restore_threads):
+    """64 channels at 56x56 from 2 threads: shifted_gemm eagerly, winograd where its transforms compile."""
+    torch.set_num_threads(2)
+    input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, 3, 3)
+    spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
+    with compiled.mode("off"):
+        assert choose(input, weight, spec).name == "shifted_gemm"
+    with compiled.mode("background"):
+        assert choose(input, weight, spec).name == "winograd"
