@@ -7,7 +7,8 @@ one pass:
     forward      input -> column phases (eager copy) -> V = B^T d B (compiled) -> M = U V (bmm)
                  -> Y = A^T M A + bias (compiled, written NCHW)
     grad_input   the same, on grad_output padded by 2 - padding, with the kernel flipped and transposed
-    grad_weight  eager (kernels/winograd.py): its tiles are read along channels, NHWC
+    grad_weight  V as in forward, dM = A dY A^T (compiled, from the grad's column phases),
+                 dU = V dM^T (bmm), dW = G^T dU G
 
 The column phases ([c, n, r, q, t] = padded[n, c, r, 2t + q], `winograd._column_phases`) stay an eager
 copy: read straight from the padded input, the transform's stride-2 loads ran 3.4x slower (64x56:
@@ -79,6 +80,33 @@ def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) 
     return forward(grad_output.contiguous(), weight.flip(2, 3).transpose(0, 1), None, pads)
 
 
+def grad_weight(
+    grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, int, int, int]
+) -> torch.Tensor | None:
+    """dW = G^T (sum over tiles V dM^T) G: grad_output (N, K, H_out, W_out), input (N, C, H, W) -> (K, C, 3, 3), or None."""
+    from kernels.winograd import _column_phases, _kron_g
+
+    batch, channels = input.shape[:2]
+    out_channels = weight.shape[0]
+    tiles_h, tiles_w = -(-grad_output.shape[2] // 2), -(-grad_output.shape[3] // 2)
+    if 16 * batch * tiles_h * tiles_w * max(channels, out_channels) * input.element_size() > get_limits().im2col_workspace_bytes:
+        return None
+    phases = (batch, 2 * tiles_h + 2, 2, tiles_w + 1)
+    stages_ready = [
+        compiled.ready(_input_tiles, torch.empty(channels, *phases, dtype=input.dtype, device="meta")),
+        compiled.ready(_grad_tiles, torch.empty(out_channels, *phases, dtype=input.dtype, device="meta")),
+    ]
+    if not all(stages_ready):
+        return None
+    tiles = compiled.run(_input_tiles, _column_phases(input, pads)[0])  # V (16, C, P)
+    # The grad's phases reuse the input's scratch buffer: V is already computed from it. Padding (0, 2, 0, 2)
+    # keeps H_out x W_out as the "output" size, so the phases hold the grad rounded up to whole tiles.
+    grad_tiles = compiled.run(_grad_tiles, _column_phases(grad_output, (0, 2, 0, 2))[0])  # dM (16, K, P)
+    transformed = torch.bmm(tiles, grad_tiles.transpose(1, 2))  # dU (16, C, K)
+    flat = _kron_g(weight).t() @ transformed.view(16, channels * out_channels)  # (9, C*K), as kernels/winograd.py
+    return flat.view(3, 3, channels, out_channels).permute(3, 2, 0, 1).contiguous()
+
+
 def _input_tiles(split: torch.Tensor) -> torch.Tensor:
     """split (C, N, 2*T_h + 2, 2, T_w + 1), [c, n, r, q, t] = padded[n, c, r, 2t + q] -> V = B^T d B (16, C, N*T_h*T_w).
 
@@ -110,3 +138,21 @@ def _output_tiles(products: torch.Tensor, bias: torch.Tensor | None, batch: int,
     # Without a final elementwise op Inductor writes the stacked values to a buffer and permutes them in a
     # second pass; with one it writes the output in one (64x56: 1.7 vs 3.0 ms). "+ 0.0" is that op.
     return output + (0.0 if bias is None else bias.view(1, -1, 1, 1))
+
+
+def _grad_tiles(split: torch.Tensor) -> torch.Tensor:
+    """split (K, N, 2*T_h + 2, 2, T_w + 1), [k, n, r, q, t] = grad[n, k, r, 2t + q] (zero past the output)
+    -> dM = A dY A^T (16, K, N*T_h*T_w), the output transform's adjoint.
+
+    A = [[1, 0], [1, 1], [1, -1], [0, -1]]: of each tile's two rows (and then columns) first, first +
+    second, first - second, -second. Read from column phases like `_input_tiles`: from the grad itself,
+    the stride-2 loads took 6.7 ms at 64x56.
+    """
+    channels, batch, height, _, width = split.shape
+    tiles_h, tiles_w = (height - 2) // 2, width - 1
+    first, second = split[:, :, 0 : 2 * tiles_h : 2], split[:, :, 1 : 2 * tiles_h : 2]  # (K, N, T_h, 2, T_w + 1)
+    tiles = []
+    for mixed in (first, first + second, first - second, -second):
+        left, right = mixed[:, :, :, 0, :tiles_w], mixed[:, :, :, 1, :tiles_w]
+        tiles += [left, left + right, left - right, -right]
+    return torch.stack(tiles).reshape(16, channels, batch * tiles_h * tiles_w)
