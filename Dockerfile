@@ -30,7 +30,7 @@ COPY deploy/docker/healthcheck.py /opt/convservice/healthcheck.py
 # CONV_HOST is 0.0.0.0 here because the container's port is published; the server's default
 # (127.0.0.1) is right only outside a container. CONV_DEVICE=auto uses the GPU when the container
 # has one (compose and Kubernetes ask for cuda explicitly). HOME holds Triton's cache (~/.triton).
-# CONV_COMPILE=off: the runtime image has no C++ compiler, which compiling CPU depthwise kernels needs
+# CONV_COMPILE=off: the runtime image has no C++ compiler, which compiling CPU kernels needs
 # (kernels/compiled.py); GPU work does not use it.
 ENV HOME=/home/conv \
     PYTHONUNBUFFERED=1 \

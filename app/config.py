@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run a small conv on each device at start-up before /readyz turns 200.")
     compile: Literal["background", "off"] = Field(
         "background",
-        description="CPU depthwise convs (stride 1): compile each problem's exact shapes with torch.compile in a background thread "
-        "(needs a C++ compiler; the eager path serves until then, and for good if compiling fails), or off (kernels/compiled.py).",
+        description="CPU depthwise convs (stride 1) and Winograd's transforms: compile each problem's exact shapes with Inductor "
+        "in a background thread (needs a C++ compiler; the eager path serves until then, and for good if compiling fails), "
+        "or off (kernels/compiled.py).",
     )
     log_level: LogLevel = Field("info", description="uvicorn and app log level.")
     api_key: SecretStr | None = Field(None, description="When set, /forward and /backward need Authorization: Bearer <key>.")

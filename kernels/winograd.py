@@ -22,6 +22,10 @@ workspace limit.
 
 groups == 1, 3x3, stride 1, dilation 1 only. The backward uses out= buffers, so when autograd
 records it (double backward) it delegates to shifted_gemm's differentiable backward.
+
+On the CPU (float32/64, NCHW) each pass first asks `winograd_compiled` for transforms compiled for the
+problem's shapes (one pass per transform instead of ~30); until they are compiled, or where compiling
+is off or failed, the eager transforms below run.
 """
 
 from __future__ import annotations
@@ -282,7 +286,8 @@ class Winograd(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
-            notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops)",
+            notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops); "
+            "on CPU, once compiled for the problem's shapes, one pass per tile transform (kernels/compiled.py)",
         )
 
     def check(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
