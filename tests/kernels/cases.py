@@ -253,3 +253,16 @@ def assert_compiled_ran(before: dict) -> None:
     assert after["failed"] is None, f"compiling failed: {after['failed']}"
     assert after["compiled"] > before["compiled"], "nothing was compiled"
     assert after["calls"] > before["calls"], "the compiled code did not run"
+
+
+def assert_matches_oracle(case: Case, algorithm: str, dtype: torch.dtype, seed: int) -> None:
+    """Output and every gradient of `algorithm` on `case` in `dtype` against the float64 oracle."""
+    input, weight, bias = make_inputs(case, dtype, "cpu", seed=seed)
+    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
+    output = our_conv(case, input, weight, bias, algorithm)
+    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
+    assert_parity("output", output, exact, dtype)
+    grad_output = torch.randn(exact.shape, generator=seeded(seed + 1), dtype=torch.float64)
+    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
+        assert_parity(name, actual, wanted, dtype)

@@ -13,7 +13,17 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from kernels import compiled, depthwise_compiled
 from kernels.params import normalize
-from tests.kernels.cases import GRAD_NAMES, Case, assert_compiled_ran, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+from tests.kernels.cases import (
+    Case,
+    assert_compiled_ran,
+    assert_matches_oracle,
+    assert_parity,
+    grads,
+    make_inputs,
+    our_conv,
+    seeded,
+    torch_conv,
+)
 from tests.kernels.op_spy import forbidden
 
 
@@ -50,14 +60,7 @@ def test_compiled_path_matches_the_oracle(case, dtype, compile_sync):
     with torch.no_grad():
         assert depthwise_compiled.eligible(input, weight, _spec(case, input, weight, bias)), f"{case.id} is not eligible"
     before = compiled.stats()
-    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
-    output = our_conv(case, input, weight, bias, "depthwise")
-    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
-    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
-    assert_parity("output", output, exact, dtype)
-    grad_output = torch.randn(exact.shape, generator=seeded(4), dtype=torch.float64)
-    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
-        assert_parity(name, actual, wanted, dtype)
+    assert_matches_oracle(case, "depthwise", dtype, seed=3)
     assert_compiled_ran(before)
 
 

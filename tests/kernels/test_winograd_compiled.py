@@ -12,7 +12,7 @@ import torch
 from kernels import compiled, winograd_compiled
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import GRAD_NAMES, Case, assert_compiled_ran, assert_parity, grads, make_inputs, our_conv, seeded, torch_conv
+from tests.kernels.cases import Case, assert_compiled_ran, assert_matches_oracle, make_inputs
 
 CASES = [
     Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 8)),
@@ -29,16 +29,8 @@ CASES = [
     ids=lambda value: getattr(value, "id", str(value)),
 )
 def test_compiled_transforms_match_the_oracle(case, dtype, compile_sync):
-    input, weight, bias = make_inputs(case, dtype, "cpu", seed=21)
     before = compiled.stats()
-    leaves = [leaf for leaf in (input, weight, bias) if leaf is not None]
-    output = our_conv(case, input, weight, bias, "winograd")
-    exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
-    exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
-    assert_parity("output", output, exact, dtype)
-    grad_output = torch.randn(exact.shape, generator=seeded(22), dtype=torch.float64)
-    for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
-        assert_parity(name, actual, wanted, dtype)
+    assert_matches_oracle(case, "winograd", dtype, seed=21)
     assert_compiled_ran(before)
 
 
