@@ -27,6 +27,7 @@ already compiled).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -53,6 +54,19 @@ class _State:
 
 
 _state = _State()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, say) has no compile thread, and a lock the parent's compile
+    thread held at the fork would never be released: it starts with fresh ones, keeping what is compiled."""
+    _state.lock = threading.Condition()
+    _state.queue = queue.SimpleQueue()
+    _state.worker = None
+    _state.pending = set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_mode(mode: str) -> None:

@@ -6,6 +6,11 @@ loaded); tests/kernels/test_depthwise_compiled.py runs the real ones.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch
 
@@ -102,3 +107,36 @@ def test_unknown_mode_and_argument_are_refused():
         compiled.set_mode("always")
     with compiled.mode("sync"), pytest.raises(TypeError, match="tensors, ints and None"):
         compiled.run(scaled_sum, torch.ones(1), torch.ones(1), 2.5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork: POSIX only")
+def test_a_forked_child_does_not_inherit_a_held_lock(fresh):
+    """A fork while the compile thread holds the lock (mid-compile) must not deadlock the child."""
+    x, y = _operands()
+    held, release = threading.Event(), threading.Event()
+
+    def compile_thread_stand_in():
+        with compiled._state.lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=compile_thread_stand_in)
+    holder.start()
+    held.wait(10)
+    child = os.fork()
+    if child == 0:  # the child: queue a compile (takes the lock), then leave at once
+        with compiled.mode("background"):
+            compiled.run(scaled_sum, x, y, 2)
+        os._exit(0)
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child deadlocked on the compile lock")
