@@ -16,6 +16,7 @@ from app.schemas import FORWARD_EXAMPLE
 from kernels.tolerances import tolerance
 from tests.app.helpers import from_json, nn_conv_grads, seed_body, seed_problem, to_json
 from tests.integration.conftest import API_KEY, start, stop, wait_ready
+from tests.kernels.cases import has_cxx
 
 pytestmark = pytest.mark.anyio
 
@@ -293,6 +294,7 @@ async def test_two_processes_share_the_port_and_the_cores(tmp_path) -> None:
         stop(server)
 
 
+@pytest.mark.skipif(not has_cxx(), reason="no C++ compiler here: Inductor cannot compile")
 async def test_depthwise_compiles_in_the_background_then_serves_compiled_code(plain) -> None:
     """CONV_COMPILE=background (the default): the first stride-1 depthwise request is answered by the eager path
     while its exact shapes compile; once /info counts them, the same requests run the compiled code, same numbers."""

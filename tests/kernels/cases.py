@@ -7,6 +7,8 @@ on a module built on the meta device, so the oracle applies exactly nn.Conv2d's 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -266,3 +268,8 @@ def assert_matches_oracle(case: Case, algorithm: str, dtype: torch.dtype, seed: 
     grad_output = torch.randn(exact.shape, generator=seeded(seed + 1), dtype=torch.float64)
     for name, actual, wanted in zip(GRAD_NAMES, grads(output, grad_output.to(dtype), leaves), grads(exact, grad_output, exact_leaves)):
         assert_parity(name, actual, wanted, dtype)
+
+
+def has_cxx() -> bool:
+    """Whether a C++ compiler is here, which Inductor needs (kernels/compiled.py); CI machines have gcc."""
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))

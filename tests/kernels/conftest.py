@@ -9,6 +9,7 @@ import torch
 
 import kernels
 from kernels import compiled
+from tests.kernels.cases import has_cxx
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -34,7 +35,14 @@ def eager_unless_asked():
 
 
 @pytest.fixture
-def compile_sync():
+def needs_compiler():
+    """Inductor needs a C++ compiler (CI machines have gcc); without one these tests skip, saying why."""
+    if not has_cxx():
+        pytest.skip("no C++ compiler here: Inductor cannot compile (kernels/compiled.py)")
+
+
+@pytest.fixture
+def compile_sync(needs_compiler):
     """Compile on the test's own thread (kernels/compiled.py "sync"), stats from zero."""
     compiled.reset()
     with compiled.mode("sync"):

@@ -25,7 +25,7 @@ def scaled_sum(x, y, scale: int):
 
 
 @pytest.fixture
-def fresh():
+def fresh(needs_compiler):
     compiled.reset()
     yield
     compiled.reset()
