@@ -144,11 +144,9 @@ def steps_of(conv, x, w, x_grad, w_grad, leaves, grad_output) -> dict[str, Calla
     return {"fwd": forward, "fwd_bwd": forward_backward}
 
 
-def graphed(step: Callable[[], None]) -> Callable[[], None]:
-    """`step` captured once into a CUDA graph (after a warm-up on a side stream, as torch's docs ask); its replay.
-
-    What a user who captures a training step gets: the kernels without the Python and launch cost
-    of issuing them, so ours / cuDNN then compares the GPU work alone."""
+def capture(step: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, what the captured call returned): `step` captured once into a CUDA graph, after a warm-up
+    on a side stream, as torch's docs ask. Each replay rewrites the returned tensors in place."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -157,8 +155,16 @@ def graphed(step: Callable[[], None]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+        captured = step()
+    return graph, captured
+
+
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """The replay of `step` captured into a CUDA graph (`capture`).
+
+    What a user who captures a training step gets: the kernels without the Python and launch cost
+    of issuing them, so ours / cuDNN then compares the GPU work alone."""
+    return capture(step)[0].replay
 
 
 def bench_shape(shape: Shape, mode: Mode, providers: list[str], device: torch.device, batch: int, reps: int, graphs: bool = False) -> dict:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("background", "sync", "off")
 MAX_COMPILED = 64
+DTYPES = (torch.float32, torch.float64)
 
 
 class _State:
@@ -145,6 +146,18 @@ def _example(signature: tuple) -> torch.Tensor:
     """A tensor like the one `signature` describes (values are irrelevant: the code has no data-dependent branches)."""
     shape, stride, dtype = signature
     return torch.empty_strided(shape, stride, dtype=dtype).zero_()
+
+
+def takes(tensor: torch.Tensor) -> bool:
+    """Whether a compiled path may take this tensor: CPU, float32/64, contiguous, grad mode off (the compiled
+    code records no autograd graph), and not while torch.compile traces the caller (it compiles the eager path itself)."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype in DTYPES
+        and tensor.is_contiguous()
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def available() -> bool:

@@ -23,26 +23,22 @@ from kernels.params import ConvSpec
 
 # Below this, the eager flat path's ~10 ops cost about what a compiled call's guards and padding cost.
 MIN_MACS = 1 << 18
-DTYPES = (torch.float32, torch.float64)
 
 
 def eligible(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
-    """CPU, float32/64, stride 1, multiplier 1, NCHW input, padding within the kernel's reach, not under grad mode."""
+    """`compiled.takes` the input (CPU, float32/64, NCHW, grad off), stride 1, multiplier 1, padding within the kernel's reach."""
     batch, channels, height, width = input.shape
     kernel_h, kernel_w = weight.shape[2:]
     top, bottom, left, right = spec.padding
     reach_h, reach_w = spec.dilation[0] * (kernel_h - 1), spec.dilation[1] * (kernel_w - 1)
     return (
-        input.device.type == "cpu"
-        and input.dtype in DTYPES
+        compiled.takes(input)
         and spec.stride == (1, 1)
         and weight.shape[0] == channels
         and max(top, bottom) <= reach_h
         and max(left, right) <= reach_w
         and height + top + bottom > reach_h
         and width + left + right > reach_w
-        and input.is_contiguous()
-        and not torch.is_grad_enabled()
         and macs(batch, channels, height + top + bottom - reach_h, width + left + right - reach_w, 1, kernel_h, kernel_w) >= MIN_MACS
     )
 

@@ -323,8 +323,10 @@ class Winograd(ConvAlgorithm):
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         grad_input = grad_weight = None
-        if need_input and winograd_compiled.eligible(grad_output.contiguous()):
-            grad_input = winograd_compiled.grad_input(grad_output.contiguous(), weight, spec)
+        if need_input:
+            grad = grad_output.contiguous()  # once: the compiled grad_input reads it as NCHW
+            if winograd_compiled.eligible(grad):
+                grad_input = winograd_compiled.grad_input(grad, weight, spec)
         if need_input and grad_input is None:
             top, bottom, left, right = spec.padding
             grid, out_hw = _tile_input(grad_output, (2 - top, 2 - bottom, 2 - left, 2 - right))

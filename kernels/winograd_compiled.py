@@ -26,18 +26,15 @@ from kernels import compiled
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 
-DTYPES = (torch.float32, torch.float64)
-
 
 def eligible(tensor: torch.Tensor) -> bool:
-    """CPU, float32/64, NCHW-contiguous input (or grad_output), not under grad mode (3x3 stride 1 is `winograd`'s own check)."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.dtype in DTYPES
-        and tensor.is_contiguous()
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    """`compiled.takes` the input (or grad_output): 3x3 stride 1 is `winograd`'s own check."""
+    return compiled.takes(tensor)
+
+
+def _fits(batch: int, tiles_h: int, tiles_w: int, channels: int, like: torch.Tensor) -> bool:
+    """Whether the unchunked tile buffers (16 values per tile and channel) stay within the workspace limit."""
+    return 16 * batch * tiles_h * tiles_w * channels * like.element_size() <= get_limits().im2col_workspace_bytes
 
 
 def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: tuple[int, int, int, int]) -> torch.Tensor | None:
@@ -52,7 +49,7 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out_height, out_width = input.shape[2] + pads[0] + pads[1] - 2, input.shape[3] + pads[2] + pads[3] - 2
     tiles_h, tiles_w = -(-out_height // 2), -(-out_width // 2)
     positions = batch * tiles_h * tiles_w
-    if 16 * positions * max(channels, out_channels) * input.element_size() > get_limits().im2col_workspace_bytes:
+    if not _fits(batch, tiles_h, tiles_w, max(channels, out_channels), input):
         return None
     # Both transforms' keys first (meta stand-ins), so that the first call queues both compiles.
     split_shape = (channels, batch, 2 * tiles_h + 2, 2, tiles_w + 1)
@@ -72,12 +69,13 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor | None:
-    """The 3x3 conv of grad_output (N, K, H_out, W_out) padded by 2 - padding, kernel flipped and transposed -> (N, C, H, W), or None."""
+    """The 3x3 conv of grad_output (N, K, H_out, W_out) contiguous, padded by 2 - padding, kernel flipped and transposed
+    -> (N, C, H, W), or None."""
     top, bottom, left, right = spec.padding
     pads = (2 - top, 2 - bottom, 2 - left, 2 - right)
     if min(pads) < 0:
         return None
-    return forward(grad_output.contiguous(), weight.flip(2, 3).transpose(0, 1), None, pads)
+    return forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, pads)
 
 
 def grad_weight(
@@ -89,7 +87,7 @@ def grad_weight(
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]
     tiles_h, tiles_w = -(-grad_output.shape[2] // 2), -(-grad_output.shape[3] // 2)
-    if 16 * batch * tiles_h * tiles_w * max(channels, out_channels) * input.element_size() > get_limits().im2col_workspace_bytes:
+    if not _fits(batch, tiles_h, tiles_w, max(channels, out_channels), input):
         return None
     phases = (batch, 2 * tiles_h + 2, 2, tiles_w + 1)
     stages_ready = [

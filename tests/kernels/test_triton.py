@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the 'triton' algorithm is not registered")
 
 import kernels  # noqa: E402
+from bench.bench_gpu import capture  # noqa: E402
 from kernels.base import UnsupportedProblem  # noqa: E402
 from kernels.tolerances import tolerance  # noqa: E402
 from tests.kernels.cases import CASES, CUDA, Case, grads, layout_flags, make_inputs, our_conv, seeded, torch_conv  # noqa: E402
@@ -157,15 +158,7 @@ def test_cuda_graph_capture_replays_forward_and_backward(device, ieee_float32):
         output = our_conv(case, *static, "triton")
         return (output.detach(), *torch.autograd.grad(output, static, grad_output))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)  # bench_gpu's recipe: this test checks what its --graphs figures time
     for seed in (1, 2):
         fresh = make_inputs(case, torch.float32, device, seed)
         with torch.no_grad():
