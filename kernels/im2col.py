@@ -124,28 +124,41 @@ def _use_phases(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bo
     return spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[1] < FOLD_MAX_CHANNELS and input.is_contiguous()
 
 
-def _phase_split(input: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Tensor:
-    """input (N, C, H, W) -> (N, C, P_h, P_w, H_ph, W_ph), [.., p, q, Y, X] = zero-padded input[.., s_h*Y + p, s_w*X + q].
+def _phase_split(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """input (N, C, H, W) -> (N, C, H_pad, s_w, W_ph), [.., R, t, X] = zero-padded input[.., R, s_w*X + q(t)].
 
-    Splitting by stride phase turns every strided tap window into rows of contiguous reads. Only the
-    phases a tap reads are kept, P = min(stride, kernel): a stride past the kernel skips the others.
+    Slot t holds the padded columns of phase q(t) = (t + left) mod s_w, which are the input's columns
+    j = t (mod s_w): splitting by column phase turns every strided tap window into rows of contiguous
+    reads (`_phase_plane`), while rows need no split (a row stride is free in a view). Ordered by the
+    input's residue t, every slot's columns start at the same or the next X, so for s_w = 2 and an even
+    width the whole split is one strided copy (the 7x7 stem: 1 op instead of a copy per phase).
     """
     top, bottom, left, right = spec.padding
-    stride_h, stride_w = spec.stride
+    stride_w = spec.stride[1]
     batch, channels, height, width = input.shape
-    phases_h, phases_w = min(stride_h, kernel[0]), min(stride_w, kernel[1])
-    shape = (batch, channels, phases_h, phases_w, -(-(height + top + bottom) // stride_h), -(-(width + left + right) // stride_w))
+    shape = (batch, channels, height + top + bottom, stride_w, -(-(width + left + right) // stride_w))
     split = scratch("im2col_phases", math.prod(shape), input).view(shape).zero_()
-    for p in range(phases_h):
-        first_row = max(0, -((p - top) // stride_h))  # smallest Y with s_h*Y + p - top >= 0
-        in_row = stride_h * first_row + p - top
-        for q in range(phases_w):
-            first_col = max(0, -((q - left) // stride_w))
-            in_col = stride_w * first_col + q - left
-            if in_row < height and in_col < width:
-                source = input[:, :, in_row::stride_h, in_col::stride_w]
-                split[:, :, p, q, first_row : first_row + source.shape[2], first_col : first_col + source.shape[3]] = source
+    offsets = [(t + left) // stride_w for t in range(stride_w)]  # X of the slot's first input column
+    step = offsets[1] - offsets[0] if stride_w > 1 else 0
+    if width % stride_w == 0 and all(offset == offsets[0] + t * step for t, offset in enumerate(offsets)):
+        batch_stride, channel_stride, row_stride, slot_stride, _ = split.stride()
+        target = split.as_strided(
+            (batch, channels, height, stride_w, width // stride_w),
+            (batch_stride, channel_stride, row_stride, slot_stride + step, 1),
+            split.storage_offset() + top * row_stride + offsets[0],
+        )
+        target.copy_(input.view(batch, channels, height, width // stride_w, stride_w).transpose(3, 4))
+        return split
+    for t in range(min(stride_w, width)):
+        source = input[:, :, :, t::stride_w]
+        split[:, :, top : top + height, t, offsets[t] : offsets[t] + source.shape[3]] = source
     return split
+
+
+def _phase_plane(split: torch.Tensor, spec: ConvSpec, p: int, q: int) -> torch.Tensor:
+    """Phase (p, q) of the padded input as (N, C, H_ph, W_ph): [.., Y, X] = padded[.., s_h*Y + p, s_w*X + q]."""
+    stride_h, stride_w = spec.stride
+    return split[:, :, p::stride_h, (q - spec.padding[2]) % stride_w]
 
 
 # Below this many input channels per group the channels-last per-tap scatter moves rows too short
@@ -280,19 +293,25 @@ class Im2col(ConvAlgorithm):
         """
         out_channels, in_channels, kernel_h, kernel_w = weight.shape
         (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
-        split = _phase_split(input, spec, (kernel_h, kernel_w))
+        split = _phase_split(input, spec)
         batch = split.shape[0]
         output = input.new_empty(batch, out_channels, out_height * out_width)
         weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
+        taps = weight_rows.shape[1]
+        if bias is not None:  # the bias rides in the GEMM as one more column row of ones: no pass over the output
+            weight_rows = torch.cat([weight_rows, bias.view(-1, 1)], dim=1)
         row_bytes = out_width * weight_rows.shape[1] * input.element_size()
         for images, rows in _row_blocks(batch, out_height, row_bytes):
             count, block_rows = images.stop - images.start, rows.stop - rows.start
-            shape = (count, in_channels, kernel_h, kernel_w, block_rows, out_width)
-            columns = scratch("im2col_columns", math.prod(shape), input).view(shape)
+            matrix = scratch("im2col_columns", count * weight_rows.shape[1] * block_rows * out_width, input)
+            matrix = matrix.view(count, weight_rows.shape[1], block_rows * out_width)
+            if bias is not None:
+                matrix[:, taps].fill_(1)
+            columns = matrix[:, :taps].view(count, in_channels, kernel_h, kernel_w, block_rows, out_width)
             for p in range(min(stride_h, kernel_h)):
                 for q in range(min(stride_w, kernel_w)):
                     # taps i = p + stride_h*a, j = q + stride_w*b read phase (p, q) at (y + a, x + b)
-                    phase = split[images, :, p, q]
+                    phase = _phase_plane(split, spec, p, q)[images]
                     taps_h, taps_w = len(range(p, kernel_h, stride_h)), len(range(q, kernel_w, stride_w))
                     batch_stride, channel_stride, row_stride, _ = phase.stride()
                     window = phase.as_strided(
@@ -302,9 +321,7 @@ class Im2col(ConvAlgorithm):
                     )
                     columns[:, :, p::stride_h, q::stride_w] = window
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
-            torch.matmul(weight_rows, columns.view(count, weight_rows.shape[1], -1), out=block)
-        if bias is not None:
-            output += bias.view(-1, 1)
+            torch.matmul(weight_rows, matrix, out=block)
         return output.view(batch, out_channels, out_height, out_width)
 
     def _depthwise_forward(self, padded, weight, spec, out_height, out_width):

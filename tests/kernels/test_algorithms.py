@@ -171,3 +171,36 @@ def test_winograd_channel_first_path_on_large_nchw_images(dtype, padding):
     assert_parity("output", output.detach(), expected.detach(), dtype)
     for name, ours, theirs in zip(("grad_input", "grad_weight", "grad_bias"), leaves, expected_leaves):
         assert_parity(name, ours.grad, theirs.grad, dtype)
+
+
+@pytest.mark.parametrize(
+    "width, stride, padding",
+    [
+        (12, (2, 2), (3, 3, 3, 3)),  # the stem's form: one strided copy
+        (12, (1, 3), (0, 1, 2, 0)),  # stride 3, columns start at X 0, 1, 1: a copy per residue
+        (11, (2, 2), (1, 0, 1, 2)),  # odd width: residues of different lengths
+        (9, (3, 1), (2, 2, 0, 0)),
+    ],
+)
+def test_im2col_phase_split_holds_each_stride_phase_of_the_padded_input(width, stride, padding):
+    """`_phase_plane(split, p, q)` is padded[.., p::s_h, q::s_w] for every phase, zero padding included, and
+    im2col's forward through it (the bias riding in the GEMM) matches the float64 oracle."""
+    from kernels.im2col import Im2col, _phase_plane, _phase_split, _use_phases
+    from kernels.params import ConvSpec
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 10, width, generator=generator, dtype=torch.float64)
+    w = torch.randn(5, 3, 5, 4, generator=generator, dtype=torch.float64)
+    b = torch.randn(5, generator=generator, dtype=torch.float64)
+    spec = ConvSpec(stride, padding, (1, 1), 1)
+    top, bottom, left, right = padding
+    padded = torch.nn.functional.pad(x, (left, right, top, bottom))
+    split = _phase_split(x, spec)
+    for p in range(stride[0]):
+        for q in range(stride[1]):
+            wanted = padded[:, :, p :: stride[0], q :: stride[1]]
+            plane = _phase_plane(split, spec, p, q)
+            assert torch.equal(plane[:, :, : wanted.shape[2], : wanted.shape[3]], wanted), (p, q)
+    assert _use_phases(x, w, spec)
+    output = Im2col().forward(x, w, b, spec)  # asymmetric padding: the algorithm's own interface
+    assert_parity("output", output, torch.nn.functional.conv2d(padded, w, b, stride=stride), torch.float64)
