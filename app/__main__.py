@@ -21,6 +21,7 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=settings.log_level in ("debug", "trace"),
         workers=settings.processes,
+        timeout_keep_alive=settings.keep_alive_s,
     )
 
 

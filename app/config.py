@@ -64,6 +64,15 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Time allowed for a request body to arrive; a slower client is answered 408 and cut off."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503.")
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open. Longer than the idle timeouts of the clients and "
+        "balancers that pool connections to us (httpx 5 s, aiohttp 15 s, nginx and AWS ALB 60 s), so that they close idle "
+        "connections first: a server that closes one just as the client reuses it resets the request (uvicorn's own default, "
+        "5 s, races httpx's 5 s).",
+    )
     parse_processes: int = Field(1, ge=0, le=64, description="Helper processes that parse bodies of 1 MiB or more (0: parse in threads).")
     malloc_reuse: bool = Field(
         True, description="glibc: keep freed blocks up to 32 MiB for reuse instead of fresh pages per request (app/memory.py)."

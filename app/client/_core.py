@@ -3,10 +3,11 @@
 Tensors go out and come back in base64 by default (the fastest encoding: no number formatting, bit
 exact, NaN and infinities included); "flat" and "list" are there for debugging. numpy in -> numpy out,
 torch in -> torch out (decided by `input`). 503s are retried after the server's Retry-After, a little
-jittered, up to `retries` times; so is a response the server's connection closed before it was whole
-(a replica behind a load balancer dying mid-answer, which the balancer cannot retry once it has
-forwarded the headers): /forward and /backward are pure functions, so sending again is safe. Other
-errors raise at once as the typed errors of app.client.errors.
+jittered, up to `retries` times; so is a request whose connection closed or was reset before the whole
+response came (a replica behind a load balancer dying mid-answer, which the balancer cannot retry once it
+has forwarded the headers; a pooled connection the server closed as idle just as it was reused): /forward
+and /backward are pure functions, so sending again is safe. Timeouts are not retried (the server may
+still be computing). Other errors raise at once as the typed errors of app.client.errors.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ENCODINGS = ("base64", "flat", "list")
 _NUMPY_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 _NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 _PAIR_OPTIONS = ("stride", "padding", "dilation")
+# The connection closed (RemoteProtocolError) or was reset (ReadError, WriteError) before a whole response.
+CUT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass
@@ -241,12 +244,12 @@ class _Base:
             return None
         return min(0.05 * 2**attempt, self.max_retry_wait) * (1 + 0.2 * random.random())
 
-    def _next_delay(self, outcome: httpx.Response | httpx.RemoteProtocolError, attempt: int) -> float | None:
+    def _next_delay(self, outcome: httpx.Response | httpx.TransportError, attempt: int) -> float | None:
         """One attempt's outcome -> seconds to wait before the next, or None when `outcome` is the answer.
 
-        Raises the cut (a RemoteProtocolError: the connection closed before the whole response) or the
+        Raises the cut (one of CUT: the connection closed or reset before the whole response) or the
         error status when out of attempts, and an error status that is not retried at once."""
-        if isinstance(outcome, httpx.RemoteProtocolError):
+        if isinstance(outcome, CUT):
             delay = self._cut_delay(attempt)
             if delay is None:
                 raise outcome
@@ -278,7 +281,7 @@ class Client(_Base):
         while True:
             try:
                 outcome = self._http.post(path, content=content)
-            except httpx.RemoteProtocolError as cut:
+            except CUT as cut:
                 outcome = cut
             delay = self._next_delay(outcome, attempt)
             if delay is None:
@@ -324,7 +327,7 @@ class AsyncClient(_Base):
         while True:
             try:
                 outcome = await self._http.post(path, content=content)
-            except httpx.RemoteProtocolError as cut:
+            except CUT as cut:
                 outcome = cut
             delay = self._next_delay(outcome, attempt)
             if delay is None:

@@ -45,6 +45,7 @@ def test_empty_api_key_means_no_auth(monkeypatch) -> None:
         ("CONV_REQUEST_TIMEOUT_S", "0"),
         ("CONV_LOG_LEVEL", "loud"),
         ("CONV_MAX_TENSOR_ELEMENTS", "0"),
+        ("CONV_KEEP_ALIVE_S", "0"),
         ("CONV_COMPILE", "sync"),  # kernels' "sync" compiles inside requests: not a server mode
     ],
 )

@@ -1,10 +1,12 @@
-"""503 + Retry-After: retried after at least the server's delay, bounded; a response cut mid-message: sent
-again, bounded. Tested on a loopback stub server."""
+"""503 + Retry-After: retried after at least the server's delay, bounded; a response cut mid-message or a
+connection reset: sent again, bounded. Tested on a loopback stub server."""
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +33,9 @@ class Stub:
     """Answers 503 with Retry-After `retry_after` to the first `failures` POSTs, then 200 with PAYLOAD.
 
     retry_after "cut": the failures are 200 headers with a Content-Length, then the connection closed
-    before the body (what a client sees when a replica dies mid-answer behind a load balancer)."""
+    before the body (what a client sees when a replica dies mid-answer behind a load balancer).
+    retry_after "reset": the failures are the connection reset (RST) with no answer (what a client sees
+    when it reuses a pooled connection just as the server closes it as idle)."""
 
     def __init__(self, failures: int, retry_after: str) -> None:
         self.failures, self.retry_after, self.arrivals = failures, retry_after, []
@@ -42,6 +46,11 @@ class Stub:
                 self.rfile.read(int(self.headers["content-length"]))
                 stub.arrivals.append(time.monotonic())
                 failing = len(stub.arrivals) <= stub.failures
+                if failing and stub.retry_after == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()  # linger 0: RST, not FIN
+                    self.close_connection = True
+                    return
                 if failing and stub.retry_after == "cut":
                     self.send_response(200)
                     self.send_header("Content-Length", "261")
@@ -95,7 +104,7 @@ def test_gives_up_after_bounded_attempts(stub) -> None:
     assert len(stub.arrivals) == 3 and error.value.retry_after == 0 and "queue is full" in error.value.detail
 
 
-@pytest.mark.parametrize("stub", [(1, "0"), (1, "cut")], indirect=True, ids=["503", "cut"])
+@pytest.mark.parametrize("stub", [(1, "0"), (1, "cut"), (1, "reset")], indirect=True, ids=["503", "cut", "reset"])
 @pytest.mark.anyio
 async def test_async_client_retries(stub) -> None:
     async with AsyncClient(stub.url) as client:
@@ -111,7 +120,7 @@ def test_no_retries_when_disabled(stub) -> None:
     assert len(stub.arrivals) == 1
 
 
-@pytest.mark.parametrize("stub", [(2, "cut")], indirect=True)
+@pytest.mark.parametrize("stub", [(2, "cut"), (2, "reset")], indirect=True, ids=["cut", "reset"])
 def test_sends_again_a_response_cut_mid_message(stub) -> None:
     with Client(stub.url) as client:
         result = client.forward(*ARGS)
@@ -119,8 +128,8 @@ def test_sends_again_a_response_cut_mid_message(stub) -> None:
     assert len(stub.arrivals) == 3
 
 
-@pytest.mark.parametrize("stub", [(5, "cut")], indirect=True)
-def test_cut_responses_are_retried_a_bounded_number_of_times(stub) -> None:
-    with Client(stub.url, retries=2) as client, pytest.raises(httpx.RemoteProtocolError):
+@pytest.mark.parametrize("stub, error", [((5, "cut"), httpx.RemoteProtocolError), ((5, "reset"), httpx.ReadError)], indirect=["stub"])
+def test_cut_responses_are_retried_a_bounded_number_of_times(stub, error) -> None:
+    with Client(stub.url, retries=2) as client, pytest.raises(error):
         client.forward(*ARGS)
     assert len(stub.arrivals) == 3

@@ -239,6 +239,27 @@ async def test_a_large_response_arrives_whole(plain) -> None:
     assert result["parity"]["ok"] and set(result["timing_ms"]) >= {"decode", "compute", "encode", "total"}
 
 
+async def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(plain) -> None:
+    """CONV_KEEP_ALIVE_S (75 s) reaches uvicorn: a connection idle for 6 s, past httpx's pool expiry and
+    uvicorn's own default (5 s), still answers. Closing it at the client's expiry races the client's reuse,
+    and a request sent into the close is reset (the flood in tests/reliability saw two)."""
+    host, port = plain.url.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for pause in (0.0, 6.0):
+            await asyncio.sleep(pause)
+            writer.write(request)
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 200"), (pause, status)
+            headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line.split(b":")[1] for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
+
+
 async def test_zz_no_server_error_was_ever_answered(servers) -> None:
     """Runs last in this module: no request above got a 5xx other than the documented 503 / 504 / 507."""
     for server in servers.values():
