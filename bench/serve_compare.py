@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import kernels
 from app.memory import keep_freed_memory
 from bench.peers import formats
+from kernels import compiled
 
 REPO = Path(__file__).resolve().parent.parent
 LUA = REPO / "bench" / "wrk" / "post_body.lua"
@@ -159,10 +160,12 @@ def make_tensors(workload: Workload) -> dict[str, np.ndarray]:
 
 def pure_compute_ms(workload: Workload, algorithm: str, reps: int) -> float:
     """Median of kernels.conv2d in this process, on the tensors the servers get, with the servers' thread count
-    and malloc settings (`measure` calls keep_freed_memory, as our server does by default)."""
+    and malloc settings (`measure` calls keep_freed_memory, as our server does by default). Compiled kernels
+    (kernels/compiled.py) are compiled during the warm-up, as the servers have theirs by the time they are
+    measured: in the default background mode the timed calls would run eager beside the compile thread."""
     tensors = {name: torch.from_numpy(value) for name, value in make_tensors(workload).items()}
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), compiled.mode("sync"):
         for rep in range(reps + 2):
             start = time.perf_counter()
             kernels.conv2d(tensors["input"], tensors["weight"], tensors["bias"], padding=workload.padding, algorithm=algorithm)
