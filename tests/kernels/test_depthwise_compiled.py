@@ -133,3 +133,23 @@ def test_small_problems_stay_eager(compile_sync, monkeypatch):
     input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=9)
     with torch.no_grad():
         assert not depthwise_compiled.eligible(input, weight, _spec(case, input, weight, bias))
+
+
+@pytest.mark.parametrize("mode", ["off", "background"])
+def test_no_padded_copy_unless_compiled_code_runs(mode, monkeypatch):
+    """Compiling off, or this problem's code not compiled yet (queued, never started here): forward and backward
+    return None having copied nothing, so the eager path that follows pays for its own work only."""
+    monkeypatch.setattr(compiled, "_state", compiled._State())  # empty, and its queue is never worked
+    monkeypatch.setattr(compiled, "_start_worker", lambda: None)
+    monkeypatch.setattr(depthwise_compiled, "MIN_MACS", 0)
+    pads = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *args, **kwargs: pads.append(args[1]) or real_pad(*args, **kwargs))
+    x, w, g = torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3), torch.randn(2, 4, 9, 9)
+    spec = normalize(x, w, None, 1, 1, 1, 4, "zeros")
+    with compiled.mode(mode), torch.no_grad():
+        assert depthwise_compiled.eligible(x, w, spec)
+        assert depthwise_compiled.forward(x, w, None, spec) is None
+        assert depthwise_compiled.backward(g, x, w, spec, True, True) is None
+        assert compiled.stats()["pending"] == (2 if mode == "background" else 0)  # both passes queued
+    assert pads == []
