@@ -26,12 +26,17 @@ def prefers_channels_last(tensor: torch.Tensor) -> bool:
     `is_contiguous(memory_format=...)` cannot tell those apart. Port of c10's
     is_channels_last_strides_2d_s4 (an empty tensor is never channels_last).
     """
-    if tensor.dim() != 4 or tensor.stride(1) == 0:
+    return tensor.dim() == 4 and strides_prefer_channels_last(tensor.shape, tensor.stride())
+
+
+def strides_prefer_channels_last(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """`prefers_channels_last` for a 4-d tensor of this shape and these strides."""
+    if strides[1] == 0:
         return False
     smallest = 0
     for dim in (1, 3, 2, 0):
-        size, stride = tensor.shape[dim], tensor.stride(dim)
-        if size == 0 or stride < smallest or (dim == 0 and smallest == tensor.stride(1)):
+        size, stride = shape[dim], strides[dim]
+        if size == 0 or stride < smallest or (dim == 0 and smallest == strides[1]):
             return False
         smallest = stride * size
     return True

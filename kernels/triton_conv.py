@@ -6,8 +6,11 @@ file arranges tensors for them and picks which runs.
 
 Layout: every kernel reads activations channels-last (NHWC), so the channel (reduction) dimension
 of each tile load is contiguous and coalesced; an NCHW input pays one conversion copy here rather
-than strided gathers inside every K step. Weights are re-laid out once per call (small) as the
-GEMM's K-major operand.
+than strided gathers inside every K step. The kernels take (N, C, H, W) tensors and address them
+through their strides, and write channels-last outputs that are returned as they are: for
+channels-last operands a call makes no copy and no view, only its outputs (and, in float32, one
+K-major copy of the weight for grad_input). Each launcher keeps its launches per layer
+(kernels/triton_launch.py): the host time per call is most of a called conv's time on a GPU.
 
 Dtypes: float32, float16, bfloat16 with float32 accumulation, results cast at the end. float32
 uses IEEE products unless TF32 is allowed (see `_dot_precision`). float64 is not offered: tl.dot
@@ -21,7 +24,6 @@ import contextlib
 import torch
 
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
-from kernels.function import prefers_channels_last
 from kernels.params import ConvSpec
 from kernels.triton_depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
 from kernels.triton_fwd import conv_forward
@@ -49,14 +51,28 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H, W, C) view of channels-last memory (copies only if not channels-last already)."""
-    return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when its memory is already channels-last (NHWC), else a channels-last copy.
+
+    The kernels take (N, C, H, W) tensors and address them through their strides, so no NHWC view is
+    made: a channels-last tensor's memory is what the kernels read as (N, H, W, C)."""
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_channels_last(like: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised (N, C, H, W) tensor in channels-last memory: what the kernels write (as contiguous NHWC).
+
+    The strides torch.empty(..., memory_format=torch.channels_last) gives, set directly: ~2 us a call
+    instead of ~7 on a 2-core host, and a layer's forward and backward allocate two of these."""
+    batch, channels, height, width = size
+    return torch.empty_strided(size, (height * width * channels, 1, width * channels, channels), dtype=like.dtype, device=like.device)
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device (a no-op when it already is)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
@@ -64,15 +80,23 @@ def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
     return groups > 1 and weight.shape[1] == 1
 
 
-def _weight_taps(weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise weight (C_out, 1, kH, kW) -> (kH*kW, C_out) contiguous: channel loads coalesce."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
+def _grad_input_weight(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """grad_input's B operand: (tensor, strides of weight element (group, o, c, kh, kw) in it).
 
-
-def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """weight (C_out, C_in/g, kH, kW) -> view (g, C_out/g, C_in/g, kH, kW)."""
+    Its reduction runs over output channels o. A 16-bit channels-last weight is used as it is: its B
+    tiles are N-major (c contiguous), which 16-bit tensor-core dots read at no extra cost. Otherwise
+    (TF32 wgmma reads only K-major operands from shared memory; other layouts would gather) the
+    weight is copied to (g, C_in/g, kH, kW, C_out/g), o contiguous.
+    """
     out_channels, in_per_group, kernel_h, kernel_w = weight.shape
-    return weight.reshape(groups, out_channels // groups, in_per_group, kernel_h, kernel_w)
+    out_per_group = out_channels // groups
+    if weight.dtype != torch.float32 and weight.is_contiguous(memory_format=torch.channels_last):
+        stride_o, stride_c, stride_h, stride_w = weight.stride()
+        return weight, (out_per_group * stride_o, stride_o, stride_c, stride_h, stride_w)
+    grouped = weight.reshape(groups, out_per_group, in_per_group, kernel_h, kernel_w)
+    copy = grouped.permute(0, 2, 3, 4, 1).contiguous()
+    stride_g, stride_c, stride_h, stride_w, stride_o = copy.stride()
+    return copy, (stride_g, stride_o, stride_c, stride_h, stride_w)
 
 
 class TritonConv(ConvAlgorithm):
@@ -126,45 +150,39 @@ class TritonConv(ConvAlgorithm):
     def _forward(self, input, weight, bias, spec):
         out_channels, in_per_group, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
-        output = input.new_empty(input.shape[0], out_height, out_width, out_channels)
-        if output.numel() and _is_depthwise(weight, spec.groups):
-            bias = bias.contiguous() if bias is not None else None
-            depthwise_forward(_nhwc(input), _weight_taps(weight), bias, output, spec, (kernel_h, kernel_w))
-        elif output.numel():
-            # (g, C_out/g, kH*kW*C_in/g): the GEMM's K ordered (kh, kw, c) and contiguous (a channels-last weight).
-            weight_matrix = _grouped(weight, spec.groups).permute(0, 1, 3, 4, 2).contiguous()
-            weight_matrix = weight_matrix.view(spec.groups, out_channels // spec.groups, -1)
-            bias = bias.contiguous() if bias is not None else None
-            precision = _dot_precision(input.dtype, input.device)
-            conv_forward(_nhwc(input), weight_matrix, bias, output, spec, (kernel_h, kernel_w), in_per_group < _FLAT_BELOW, precision)
-        return output.permute(0, 3, 1, 2)
+        output = _empty_channels_last(input, (input.shape[0], out_channels, out_height, out_width))
+        if not output.numel():
+            return output
+        bias = bias.contiguous() if bias is not None else None
+        if _is_depthwise(weight, spec.groups):
+            depthwise_forward(_channels_last(input), weight, bias, output, spec)
+        else:
+            # A channels-last weight is the GEMM's (g, C_out/g, kH*kW*C_in/g) operand, K ordered (kh, kw, c) and contiguous.
+            flat = in_per_group < _FLAT_BELOW
+            conv_forward(_channels_last(input), _channels_last(weight), bias, output, spec, flat, _dot_precision(input.dtype, input.device))
+        return output
 
     def _backward(self, grad_output, input, weight, spec, need_input, need_weight):
         out_channels, in_per_group, kernel_h, kernel_w = weight.shape
         groups = spec.groups
+        depthwise = _is_depthwise(weight, groups)
         precision = _dot_precision(input.dtype, input.device)
-        grad_output_nhwc = _nhwc(grad_output)
+        grad_output = _channels_last(grad_output)
         grad_input = grad_weight = None
         if need_input:
-            grad_input = input.new_empty(input.shape[0], input.shape[2], input.shape[3], input.shape[1])
-            if grad_input.numel() and _is_depthwise(weight, groups):
-                depthwise_grad_input(grad_output_nhwc, _weight_taps(weight), grad_input, spec, (kernel_h, kernel_w))
+            grad_input = _empty_channels_last(input, input.shape)
+            if grad_input.numel() and depthwise:
+                depthwise_grad_input(grad_output, weight, grad_input, spec)
             elif grad_input.numel():
-                # (g, C_in/g, kH, kW, C_out/g): K ordered (tap, o) and contiguous.
-                weight_t = _grouped(weight, groups).permute(0, 2, 3, 4, 1).contiguous()
                 flat = out_channels // groups < _FLAT_BELOW
-                conv_grad_input(grad_output_nhwc, weight_t, grad_input, spec, flat, precision)
-            grad_input = grad_input.permute(0, 3, 1, 2)
+                operand, strides = _grad_input_weight(weight, groups)
+                conv_grad_input(grad_output, operand, strides, weight.shape, grad_input, spec, flat, precision)
         if need_weight:
             # grad_weight in the weight's own layout, as cuDNN gives it (and autograd would copy it into).
-            channels_last = prefers_channels_last(weight)
-            if grad_output.numel() and _is_depthwise(weight, groups):
-                grad_weight = depthwise_grad_weight(_nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype, channels_last)
+            if grad_output.numel() and depthwise:
+                grad_weight = depthwise_grad_weight(_channels_last(input), grad_output, weight, spec)
             elif grad_output.numel():
-                flat = in_per_group < _FLAT_BELOW
-                grad_weight = conv_grad_weight(
-                    _nhwc(input), grad_output_nhwc, spec, weight.shape, weight.dtype, flat, precision, channels_last
-                )
+                grad_weight = conv_grad_weight(_channels_last(input), grad_output, weight, spec, in_per_group < _FLAT_BELOW, precision)
             else:
                 grad_weight = torch.zeros_like(weight)
         return grad_input, grad_weight

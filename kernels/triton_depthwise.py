@@ -7,18 +7,21 @@ tiles of channels-last tensors instead (cuDNN also uses dedicated depthwise kern
 accumulation, the same stride-phase split for grad_input, and the same split-K + fixed-order
 reduction for grad_weight as the GEMM kernels.
 
-Output channel o reads input channel o // m. Weight layout here: (kH*kW, C_out) contiguous.
+Output channel o reads input channel o // m. The weight (C_out, 1, kH, kW) is read where it lies
+(`tap_strides`): it is tiny, so its strided channel loads cost nothing next to the activations'.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_grad_input import stride_phases
-from kernels.triton_grad_weight import choose_splits, sum_splits
-from kernels.triton_launch import cdiv, launch
+from kernels.triton_grad_input import run_phases, stride_phases
+from kernels.triton_grad_weight import GradWeightPlan, choose_splits, run_grad_weight, sum_splits_launch, weight_layout
+from kernels.triton_launch import Launch, cdiv
 from kernels.triton_tuning import bench_options, depthwise_configs, jit, prune
 
 
@@ -35,7 +38,7 @@ def _pixel_channel_extents(pixels: str, channels: str):
 @jit
 def _dw_fwd_kernel(
     input_ptr,  # input (N, H, W, C_in), addressed through the in_stride_* below
-    weight_ptr,  # weight (kH*kW, C_out), contiguous
+    weight_ptr,  # weight (C_out, 1, kH, kW): element (o, tap) at o * w_stride_c + tap * w_stride_tap
     bias_ptr,  # bias (C_out,); unused when HAS_BIAS is False
     output_ptr,  # output (N, H_out, W_out, C_out), contiguous
     rows,  # N * H_out * W_out
@@ -57,6 +60,8 @@ def _dw_fwd_kernel(
     pad_left,
     dil_h,
     dil_w,
+    w_stride_c,
+    w_stride_tap,
     HAS_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -78,7 +83,7 @@ def _dw_fwd_kernel(
         pixel_ok = p_ok & (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width)
         x_ptrs = image_ptr[:, None] + (in_row * in_stride_h + in_col * in_stride_w)[:, None] + channel_offset[None, :]
         x = tl.load(x_ptrs, mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + tap * out_channels + offs_c, mask=c_ok, other=0.0)
+        w = tl.load(weight_ptr + tap * w_stride_tap + offs_c * w_stride_c, mask=c_ok, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -95,7 +100,7 @@ def _dw_fwd_kernel(
 @jit
 def _dw_grad_input_kernel(
     grad_output_ptr,  # grad_output (N, H_out, W_out, C_out), addressed through the go_stride_* below
-    weight_ptr,  # weight (kH*kW, C_out), contiguous
+    weight_ptr,  # weight (C_out, 1, kH, kW): element (o, tap) at o * w_stride_c + tap * w_stride_tap
     grad_input_ptr,  # grad_input (N, H, W, C_in), contiguous
     rows,  # N * phase_rows * phase_cols; the phase arguments as in kernels/triton_grad_input.py
     phase_rows,
@@ -125,6 +130,8 @@ def _dw_grad_input_kernel(
     go_stride_h,
     go_stride_w,
     go_stride_c,
+    w_stride_c,
+    w_stride_tap,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -137,7 +144,6 @@ def _dw_grad_input_kernel(
     phase_row = (offs_p % pixels) // phase_cols
     phase_col = (offs_p % pixels) % phase_cols
     image_ptr = grad_output_ptr + image.to(tl.int64) * go_stride_n
-    out_channels = in_channels * multiplier
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for q in range(0, taps_h * taps_w):
         q_h = q // taps_w
@@ -150,7 +156,7 @@ def _dw_grad_input_kernel(
         for r in range(0, multiplier):
             channel_out = offs_c * multiplier + r
             g = tl.load(row_ptr[:, None] + channel_out[None, :] * go_stride_c, mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
-            w = tl.load(weight_ptr + tap * out_channels + channel_out, mask=c_ok, other=0.0)
+            w = tl.load(weight_ptr + tap * w_stride_tap + channel_out * w_stride_c, mask=c_ok, other=0.0)
             acc += g.to(tl.float32) * w.to(tl.float32)[None, :]
     in_row = first_row + phase_row * stride_h
     in_col = first_col + phase_col * stride_w
@@ -231,111 +237,143 @@ def _dw_grad_weight_kernel(
     tl.store(ws_ptrs, total, mask=c_ok)
 
 
-def depthwise_forward(input_nhwc, weight_taps, bias, output_nhwc, spec, kernel_size: tuple[int, int]) -> None:
-    """Launch: input (N, H, W, C_in) strided, weight_taps (kH*kW, C_out), output (N, H_out, W_out, C_out).
+def tap_strides(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(weight, (channel stride, tap stride)): the kernels read element (o, tap = kh * kW + kw) at o * channel stride + tap * tap stride.
 
-    Grid: (output-pixel tiles, C_out tiles).
+    A contiguous or channels-last depthwise weight (C_out, 1, kH, kW) has its taps at one stride and
+    is used as it is; any other strides get a contiguous copy.
     """
-    batch, height, width, in_channels = input_nhwc.shape
-    _, out_height, out_width, out_channels = output_nhwc.shape
+    _, _, kernel_h, kernel_w = weight.shape
+    stride_o, _, stride_h, stride_w = weight.stride()
+    if kernel_w == 1:
+        return weight, (stride_o, stride_h)
+    if kernel_h == 1 or stride_h == kernel_w * stride_w:
+        return weight, (stride_o, stride_w)
+    return tap_strides(weight.contiguous())
+
+
+@functools.lru_cache(maxsize=1024)
+def depthwise_forward_plan(input_shape, input_strides, dtype, device, weight_shape, weight_strides, spec, has_bias: bool) -> Launch:
+    """The forward launch for one layer: input (N, C_in, H, W) with `input_strides`, weight (C_out, 1, kH, kW)
+    at `weight_strides` (channel, tap). Grid: (output-pixel tiles, C_out tiles).
+    """
+    batch, in_channels, height, width = input_shape
+    out_channels, _, kernel_h, kernel_w = weight_shape
+    out_height, out_width = spec.output_size(height, width, kernel_h, kernel_w)
     rows = batch * out_height * out_width
 
     def grid(meta):
         return (cdiv(rows, meta["BLOCK_P"]), cdiv(out_channels, meta["BLOCK_C"]))
 
-    launch(
-        _dw_fwd_kernel,
-        grid,
-        (input_nhwc, weight_taps, bias if bias is not None else weight_taps, output_nhwc),
-        rows,
-        height,
-        width,
-        out_height,
-        out_width,
-        out_channels,
-        out_channels // in_channels,
-        *kernel_size,
-        *input_nhwc.stride(),
-        *spec.stride,
-        spec.padding[0],
-        spec.padding[2],
-        *spec.dilation,
-        HAS_BIAS=bias is not None,
-    )
+    in_n, in_c, in_h, in_w = input_strides
+    scalars = (rows, height, width, out_height, out_width, out_channels, out_channels // in_channels, kernel_h, kernel_w)
+    scalars += (in_n, in_h, in_w, in_c, *spec.stride, spec.padding[0], spec.padding[2], *spec.dilation, *weight_strides)
+    return Launch(_dw_fwd_kernel, grid, scalars, {"HAS_BIAS": has_bias})
 
 
-def depthwise_grad_input(grad_output_nhwc, weight_taps, grad_input_nhwc, spec, kernel_size: tuple[int, int]) -> None:
-    """Launch per stride phase: grad_output (N, H_out, W_out, C_out) strided, weight_taps (kH*kW, C_out),
-    grad_input (N, H, W, C_in) contiguous, fully written. Grid per phase: (phase-pixel tiles, C_in tiles).
+def depthwise_forward(input, weight, bias, output, spec) -> None:
+    """output (N, C_out, H_out, W_out) in channels-last memory, written in full.
+
+    input (N, C_in, H, W), any strides; weight (C_out, 1, kH, kW); bias (C_out,) contiguous or None.
+    All in one dtype.
     """
-    batch, out_height, out_width, out_channels = grad_output_nhwc.shape
-    _, height, width, in_channels = grad_input_nhwc.shape
-    for phase in stride_phases(spec, height, width, *kernel_size):
+    weight, weight_strides = tap_strides(weight)
+    plan = depthwise_forward_plan(
+        input.shape, input.stride(), input.dtype, input.device, weight.shape, weight_strides, spec, bias is not None
+    )
+    plan(input, weight, weight if bias is None else bias, output)
+
+
+@functools.lru_cache(maxsize=1024)
+def depthwise_grad_input_plan(
+    grad_output_shape, grad_output_strides, dtype, device, input_shape, weight_shape, weight_strides, spec
+) -> tuple:
+    """One layer's launches per stride phase: a Launch, or the (first_row, first_col) of a phase no tap reaches.
+
+    Grid per phase: (phase-pixel tiles, C_in tiles).
+    """
+    batch, out_channels, out_height, out_width = grad_output_shape
+    _, in_channels, height, width = input_shape
+    kernel_h, kernel_w = weight_shape[2], weight_shape[3]
+    go_n, go_c, go_h, go_w = grad_output_strides
+    steps = []
+    for phase in stride_phases(spec, height, width, kernel_h, kernel_w):
         if phase.taps_h == 0 or phase.taps_w == 0:
-            grad_input_nhwc[:, phase.first_row :: spec.stride[0], phase.first_col :: spec.stride[1]] = 0
+            steps.append((phase.first_row, phase.first_col))
             continue
         rows = batch * phase.phase_rows * phase.phase_cols
 
         def grid(meta, rows=rows):
             return (cdiv(rows, meta["BLOCK_P"]), cdiv(in_channels, meta["BLOCK_C"]))
 
-        launch(
-            _dw_grad_input_kernel,
-            grid,
-            (grad_output_nhwc, weight_taps, grad_input_nhwc),
-            rows,
-            *phase.kernel_args,
-            height,
-            width,
-            out_height,
-            out_width,
-            in_channels,
-            out_channels // in_channels,
-            kernel_size[1],
-            *spec.stride,
-            *grad_output_nhwc.stride(),
-        )
+        scalars = (rows, *phase.kernel_args, height, width, out_height, out_width, in_channels, out_channels // in_channels, kernel_w)
+        scalars += (*spec.stride, go_n, go_h, go_w, go_c, *weight_strides)
+        steps.append(Launch(_dw_grad_input_kernel, grid, scalars, {}))
+    return tuple(steps)
 
 
-def depthwise_grad_weight(
-    input_nhwc, grad_output_nhwc, spec, weight_shape: torch.Size, dtype: torch.dtype, channels_last: bool
-) -> torch.Tensor:
-    """Launch: input (N, H, W, C_in), grad_output (N, H_out, W_out, C_out), both strided.
+def depthwise_grad_input(grad_output, weight, grad_input, spec) -> None:
+    """grad_input (N, C_in, H, W) in channels-last memory, written in full (the phases partition its pixels).
 
-    Returns grad_weight (C_out, 1, kH, kW) in `dtype` (channels-last strides when `channels_last`).
-    Grid: (C_out tiles, kH*kW, splits).
+    grad_output (N, C_out, H_out, W_out), any strides; weight (C_out, 1, kH, kW).
     """
-    kernel_size = (weight_shape[2], weight_shape[3])
-    batch, height, width, in_channels = input_nhwc.shape
-    _, out_height, out_width, out_channels = grad_output_nhwc.shape
-    taps = kernel_size[0] * kernel_size[1]
+    weight, weight_strides = tap_strides(weight)
+    steps = depthwise_grad_input_plan(
+        grad_output.shape, grad_output.stride(), grad_output.dtype, grad_output.device, grad_input.shape, weight.shape, weight_strides, spec
+    )
+    run_phases(steps, grad_output, weight, grad_input, spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def depthwise_grad_weight_plan(
+    input_shape, input_strides, grad_output_shape, grad_output_strides, dtype, device, weight_shape, weight_strides, spec
+) -> GradWeightPlan:
+    """The launches for one layer, as for the GEMM kernels' grad_weight (`GradWeightPlan`).
+
+    Grid: (C_out tiles, kH*kW, splits), then `sum_splits_launch`'s.
+    """
+    batch, in_channels, height, width = input_shape
+    _, out_channels, out_height, out_width = grad_output_shape
+    kernel_h, kernel_w = weight_shape[2], weight_shape[3]
+    taps = kernel_h * kernel_w
     rows = batch * out_height * out_width
-    splits, rows_per_split = choose_splits(rows, cdiv(out_channels, 64) * taps, input_nhwc.device)
-    workspace = torch.empty(splits, taps, out_channels, device=input_nhwc.device, dtype=torch.float32)
+    splits, rows_per_split = choose_splits(rows, cdiv(out_channels, 64) * taps, device)
 
     def grid(meta):
         return (cdiv(out_channels, meta["BLOCK_C"]), taps, splits)
 
-    launch(
-        _dw_grad_weight_kernel,
-        grid,
-        (input_nhwc, grad_output_nhwc, workspace),
-        rows,
-        rows_per_split,
-        splits,
-        height,
-        width,
-        out_height,
-        out_width,
-        out_channels,
-        out_channels // in_channels,
-        *kernel_size,
-        *input_nhwc.stride(),
-        *grad_output_nhwc.stride(),
+    in_n, in_c, in_h, in_w = input_strides
+    go_n, go_c, go_h, go_w = grad_output_strides
+    scalars = (rows, rows_per_split, splits, height, width, out_height, out_width, out_channels, out_channels // in_channels)
+    scalars += (
+        kernel_h,
+        kernel_w,
+        in_n,
+        in_h,
+        in_w,
+        in_c,
+        go_n,
+        go_h,
+        go_w,
+        go_c,
         *spec.stride,
         spec.padding[0],
         spec.padding[2],
         *spec.dilation,
     )
+    conv = Launch(_dw_grad_weight_kernel, grid, scalars, {})
     # As a (splits, 1 group, taps, 1 channel, C_out) workspace, the shared reduction lays it out as (C_out, 1, kH, kW).
-    return sum_splits(workspace.view(splits, 1, taps, 1, out_channels), weight_shape, dtype, channels_last)
+    strides, channels_last = weight_layout(weight_shape, weight_strides)
+    summed = sum_splits_launch(splits, 1, taps, 1, out_channels, channels_last, device)
+    return GradWeightPlan(conv, summed, (splits, taps, out_channels), strides, channels_last)
+
+
+def depthwise_grad_weight(input, grad_output, weight, spec) -> torch.Tensor:
+    """grad_weight, shaped like `weight` (C_out, 1, kH, kW) and in its layout (channels-last or contiguous).
+
+    input (N, C_in, H, W) and grad_output (N, C_out, H_out, W_out), any strides.
+    """
+    plan = depthwise_grad_weight_plan(
+        input.shape, input.stride(), grad_output.shape, grad_output.stride(), input.dtype, input.device, weight.shape, weight.stride(), spec
+    )
+    return run_grad_weight(plan, input, grad_output, weight.shape)

@@ -17,12 +17,13 @@ split the taps into `splits` ranges: each program writes its float32 partial til
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import cdiv, launch
+from kernels.triton_launch import Launch, cdiv
 from kernels.triton_tuning import bench_options, configs, interpreting, jit, prune, sm_count
 
 
@@ -189,74 +190,62 @@ def choose_tap_splits(rows: int, columns: int, groups: int, taps: int, per_tap: 
     return max(1, min(cdiv(2 * sms, tiles), taps // 2, 4))
 
 
-def sum_tap_splits(workspace: torch.Tensor, output: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """output (contiguous, channels last) = workspace (float32 (splits, *output.shape)) summed in split order, + bias, cast."""
-    size = output.numel()
-    block = 1024
-    launch(
-        _sum_taps_kernel,
-        (cdiv(size, block),),
-        (workspace, bias if bias is not None else workspace, output),
-        workspace.shape[0],
-        size,
-        output.shape[-1],
-        HAS_BIAS=bias is not None,
-        BLOCK=block,
-    )
+class ForwardPlan(NamedTuple):
+    """A layer's forward launches: `conv` into the output, or into a float32 workspace that `sum` reduces."""
+
+    conv: Launch
+    sum: Launch | None
+    workspace: tuple[int, ...] | None  # (splits, N*H_out*W_out, C_out) when the taps are split
 
 
-def conv_forward(input_nhwc, weight_matrix, bias, output_nhwc, spec, kernel_size: tuple[int, int], flat_k: bool, precision: str) -> None:
-    """Launch: input (N, H, W, C_in) strided, weight_matrix (g, C_out/g, kH*kW*C_in/g), output (N, H_out, W_out, C_out).
+@functools.lru_cache(maxsize=1024)
+def forward_plan(
+    input_shape, input_strides, dtype, device, weight_shape, spec, flat_k: bool, precision: str, has_bias: bool
+) -> ForwardPlan:
+    """The launches for one layer: input (N, C_in, H, W) with `input_strides`, weight (C_out, C_in/g, kH, kW), all in `dtype`.
 
-    Grid: (output-pixel tiles x C_out/g tiles, groups x tap splits).
+    Grid: (output-pixel tiles x C_out/g tiles, groups x tap splits); then, with splits, one program per
+    1,024 output elements for the sum.
     """
-    batch, height, width, in_channels = input_nhwc.shape
-    _, out_height, out_width, out_channels = output_nhwc.shape
+    batch, in_channels, height, width = input_shape
+    out_channels, in_per_group, kernel_h, kernel_w = weight_shape
+    out_height, out_width = spec.output_size(height, width, kernel_h, kernel_w)
     groups = spec.groups
     rows = batch * out_height * out_width
     out_per_group = out_channels // groups
 
-    taps = kernel_size[0] * kernel_size[1]
-    splits = 1 if flat_k else choose_tap_splits(rows, out_per_group, groups, taps, in_channels // groups, input_nhwc.device)
+    taps = kernel_h * kernel_w
+    splits = 1 if flat_k else choose_tap_splits(rows, out_per_group, groups, taps, in_per_group, device)
     taps_per_split = cdiv(taps, splits)
     splits = cdiv(taps, taps_per_split)
-    target = output_nhwc
-    if splits > 1:
-        target = torch.empty(splits, *output_nhwc.shape, device=output_nhwc.device, dtype=torch.float32)
 
     def grid(meta):
         return (cdiv(rows, meta["BLOCK_M"]) * cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
 
-    stride_n, stride_h, stride_w, stride_c = input_nhwc.stride()
-    launch(
-        _fwd_kernel,
-        grid,
-        (input_nhwc, weight_matrix, bias if bias is not None else weight_matrix, target),
-        rows,
-        splits,
-        taps_per_split,
-        height,
-        width,
-        out_height,
-        out_width,
-        in_channels // groups,
-        out_per_group,
-        out_channels,
-        kernel_size[0],
-        kernel_size[1],
-        stride_n,
-        stride_h,
-        stride_w,
-        stride_c,
-        spec.stride[0],
-        spec.stride[1],
-        spec.padding[0],
-        spec.padding[2],
-        spec.dilation[0],
-        spec.dilation[1],
-        HAS_BIAS=bias is not None and splits == 1,
-        FLAT_K=flat_k,
-        PRECISION=precision,
-    )
-    if splits > 1:
-        sum_tap_splits(target, output_nhwc, bias)
+    stride_n, stride_c, stride_h, stride_w = input_strides
+    scalars = (rows, splits, taps_per_split, height, width, out_height, out_width, in_per_group, out_per_group, out_channels)
+    scalars += (kernel_h, kernel_w, stride_n, stride_h, stride_w, stride_c, *spec.stride, spec.padding[0], spec.padding[2], *spec.dilation)
+    conv = Launch(_fwd_kernel, grid, scalars, {"HAS_BIAS": has_bias and splits == 1, "FLAT_K": flat_k, "PRECISION": precision})
+    if splits == 1:
+        return ForwardPlan(conv, None, None)
+    size, block = rows * out_channels, 1024
+    summed = Launch(_sum_taps_kernel, (cdiv(size, block),), (splits, size, out_channels), {"HAS_BIAS": has_bias, "BLOCK": block})
+    return ForwardPlan(conv, summed, (splits, rows, out_channels))
+
+
+def conv_forward(input, weight, bias, output, spec, flat_k: bool, precision: str) -> None:
+    """output = conv(input, weight) + bias, written in full.
+
+    input (N, C_in, H, W), any strides (channels-last memory makes each K tile one contiguous run of
+    channels); weight (C_out, C_in/g, kH, kW) in channels-last memory, which is the GEMM's
+    (g, C_out/g, kH*kW*C_in/g) K-major operand; bias (C_out,) contiguous or None; output
+    (N, C_out, H_out, W_out) in channels-last memory. All in one dtype (conv2d validates it).
+    """
+    plan = forward_plan(input.shape, input.stride(), input.dtype, input.device, weight.shape, spec, flat_k, precision, bias is not None)
+    if plan.sum is None:
+        plan.conv(input, weight, weight if bias is None else bias, output)
+        return
+    # Few output tiles over a long K: split partial sums, added in split order with the bias, then cast.
+    workspace = torch.empty(plan.workspace, device=output.device, dtype=torch.float32)
+    plan.conv(input, weight, weight, workspace)
+    plan.sum(workspace, workspace if bias is None else bias, output)

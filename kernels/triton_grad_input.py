@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import cdiv, launch
+from kernels.triton_launch import Launch, cdiv
 from kernels.triton_tuning import bench_options, configs, jit, prune
 
 
@@ -38,7 +38,7 @@ def _extents(args: dict) -> dict[str, int]:
 @jit
 def _grad_input_kernel(
     grad_output_ptr,  # grad_output (N, H_out, W_out, C_out), addressed through the go_stride_* below
-    weight_ptr,  # weight (groups, C_in/g, kH, kW, C_out/g), contiguous: K-major B tiles
+    weight_ptr,  # weight (C_out, C_in/g, kH, kW), addressed through the w_stride_* below
     grad_input_ptr,  # grad_input (N, H, W, C_in), contiguous
     rows,  # N * phase_rows * phase_cols
     phase_rows,  # input rows / columns in this phase
@@ -62,14 +62,17 @@ def _grad_input_kernel(
     in_per_group,
     out_per_group,
     in_channels,
-    kernel_w,
-    kernel_taps,  # kH * kW
     stride_h,
     stride_w,
     go_stride_n,
     go_stride_h,
     go_stride_w,
     go_stride_c,
+    w_stride_g,  # weight element (group, o, c, kh, kw): the groups' stride, then the rest
+    w_stride_o,  # 1 for the K-major copy (g, C_in/g, kH, kW, C_out/g) that TF32 needs
+    w_stride_c,  # 1 for a channels-last weight, used as is in 16 bits (N-major B tiles)
+    w_stride_h,
+    w_stride_w,
     FLAT_K: tl.constexpr,  # walk K as one flattened (tap, channel) axis: for C_out/g below one K tile
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -96,8 +99,8 @@ def _grad_input_kernel(
     phase_row = pixel // phase_cols
     phase_col = pixel % phase_cols
     image_ptr = grad_output_ptr + image.to(tl.int64) * go_stride_n + (group * out_per_group).to(tl.int64) * go_stride_c
-    group_weights = weight_ptr + group.to(tl.int64) * in_per_group * kernel_taps * out_per_group
-    weight_cols = offs_n * (kernel_taps * out_per_group)
+    group_weights = weight_ptr + group.to(tl.int64) * w_stride_g
+    weight_cols = offs_n * w_stride_c
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
@@ -114,8 +117,8 @@ def _grad_input_kernel(
             inside = (out_row >= 0) & (out_row < out_height) & (out_col >= 0) & (out_col < out_width)
             a_ptrs = image_ptr[:, None] + out_row * go_stride_h + out_col * go_stride_w + channel[None, :] * go_stride_c
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :] & inside, other=0.0)
-            kernel_tap = (tap0_h + q_h * tap_step_h) * kernel_w + tap0_w + q_w * tap_step_w
-            b_ptrs = group_weights + (kernel_tap * out_per_group + channel)[:, None] + weight_cols[None, :]
+            tap_offset = (tap0_h + q_h * tap_step_h) * w_stride_h + (tap0_w + q_w * tap_step_w) * w_stride_w
+            b_ptrs = group_weights + (tap_offset + channel * w_stride_o)[:, None] + weight_cols[None, :]
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
@@ -131,8 +134,8 @@ def _grad_input_kernel(
             pixel_ok = row_ok & (out_row >= 0) & (out_row < out_height) & (out_col >= 0) & (out_col < out_width)
             a_ptrs = image_ptr[:, None] + (out_row * go_stride_h + out_col * go_stride_w)[:, None] + offs_c[None, :] * go_stride_c
             a = tl.load(a_ptrs, mask=pixel_ok[:, None] & c_ok[None, :], other=0.0)
-            kernel_tap = (tap0_h + q_h * tap_step_h) * kernel_w + tap0_w + q_w * tap_step_w
-            b_ptrs = group_weights + (kernel_tap * out_per_group + offs_c)[:, None] + weight_cols[None, :]
+            tap_offset = (tap0_h + q_h * tap_step_h) * w_stride_h + (tap0_w + q_w * tap_step_w) * w_stride_w
+            b_ptrs = group_weights + (tap_offset + offs_c * w_stride_o)[:, None] + weight_cols[None, :]
             b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -216,43 +219,66 @@ def stride_phases(spec, height: int, width: int, kernel_h: int, kernel_w: int) -
     return tuple(phases)
 
 
-def conv_grad_input(grad_output_nhwc, weight_t, grad_input_nhwc, spec, flat_k: bool, precision: str) -> None:
-    """Launch per stride phase: grad_output (N, H_out, W_out, C_out) strided, weight_t (g, C_in/g, kH, kW, C_out/g),
-    grad_input (N, H, W, C_in) contiguous, fully written (phases partition the input pixels).
+@functools.lru_cache(maxsize=1024)
+def grad_input_plan(
+    grad_output_shape, grad_output_strides, dtype, device, input_shape, weight_shape, weight_strides, spec, flat_k: bool, precision: str
+):
+    """One layer's launches, per stride phase: a Launch, or the (first_row, first_col) of a phase no tap reaches.
 
+    grad_output (N, C_out, H_out, W_out) with `grad_output_strides`; input (N, C_in, H, W); weight
+    (C_out, C_in/g, kH, kW) addressed through `weight_strides` (group, C_out/g, C_in/g, kh, kw).
     Grid per phase: (phase-pixel tiles x C_in/g tiles, groups).
     """
-    batch, out_height, out_width, out_channels = grad_output_nhwc.shape
-    _, height, width, in_channels = grad_input_nhwc.shape
-    groups, kernel_h, kernel_w = weight_t.shape[0], weight_t.shape[2], weight_t.shape[3]
-    in_per_group, out_per_group = in_channels // groups, out_channels // groups
+    batch, out_channels, out_height, out_width = grad_output_shape
+    _, in_channels, height, width = input_shape
+    _, in_per_group, kernel_h, kernel_w = weight_shape
+    groups = spec.groups
+    out_per_group = out_channels // groups
+    go_stride_n, go_stride_c, go_stride_h, go_stride_w = grad_output_strides
+    steps = []
     for phase in stride_phases(spec, height, width, kernel_h, kernel_w):
         if phase.taps_h == 0 or phase.taps_w == 0:
-            # No kernel tap reaches these input pixels (e.g. even dilation with stride 2): zero gradient.
-            grad_input_nhwc[:, phase.first_row :: spec.stride[0], phase.first_col :: spec.stride[1]] = 0
+            steps.append((phase.first_row, phase.first_col))
             continue
         rows = batch * phase.phase_rows * phase.phase_cols
 
         def grid(meta, rows=rows):
             return (cdiv(rows, meta["BLOCK_M"]) * cdiv(in_per_group, meta["BLOCK_N"]), groups)
 
-        launch(
-            _grad_input_kernel,
-            grid,
-            (grad_output_nhwc, weight_t, grad_input_nhwc),
-            rows,
-            *phase.kernel_args,
-            height,
-            width,
-            out_height,
-            out_width,
-            in_per_group,
-            out_per_group,
-            in_channels,
-            kernel_w,
-            kernel_h * kernel_w,
-            *spec.stride,
-            *grad_output_nhwc.stride(),
-            FLAT_K=flat_k,
-            PRECISION=precision,
-        )
+        scalars = (rows, *phase.kernel_args, height, width, out_height, out_width, in_per_group, out_per_group, in_channels)
+        scalars += (*spec.stride, go_stride_n, go_stride_h, go_stride_w, go_stride_c, *weight_strides)
+        steps.append(Launch(_grad_input_kernel, grid, scalars, {"FLAT_K": flat_k, "PRECISION": precision}))
+    return tuple(steps)
+
+
+def conv_grad_input(grad_output, weight, weight_strides, weight_shape, grad_input, spec, flat_k: bool, precision: str) -> None:
+    """grad_input, written in full (the phases partition the input pixels).
+
+    grad_output (N, C_out, H_out, W_out), any strides (channels-last memory makes the K tiles
+    contiguous); `weight` holds the (C_out, C_in/g, kH, kW) weight of `weight_shape` at
+    `weight_strides` (group, C_out/g, C_in/g, kh, kw): the weight itself or a re-laid-out copy;
+    grad_input (N, C_in, H, W) in channels-last memory. All in one dtype.
+    """
+    steps = grad_input_plan(
+        grad_output.shape,
+        grad_output.stride(),
+        grad_output.dtype,
+        grad_output.device,
+        grad_input.shape,
+        weight_shape,
+        weight_strides,
+        spec,
+        flat_k,
+        precision,
+    )
+    run_phases(steps, grad_output, weight, grad_input, spec)
+
+
+def run_phases(steps: tuple, grad_output, weight, grad_input, spec) -> None:
+    """Run a grad_input plan (this module's or the depthwise one): each phase's launch, or zeros where no tap reaches."""
+    for step in steps:
+        if isinstance(step, Launch):
+            step(grad_output, weight, grad_input)
+        else:  # no kernel tap reaches these input pixels (e.g. even dilation with stride 2): zero gradient
+            first_row, first_col = step
+            grad_input[:, :, first_row :: spec.stride[0], first_col :: spec.stride[1]] = 0

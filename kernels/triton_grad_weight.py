@@ -10,12 +10,14 @@ splits in index order. Same shapes -> same splits -> same order of additions: bi
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import cdiv, launch
+from kernels.function import strides_prefer_channels_last
+from kernels.triton_launch import Launch, cdiv
 from kernels.triton_tuning import bench_options, configs, interpreting, jit, prune, sm_count
 
 
@@ -181,31 +183,55 @@ def choose_splits(rows: int, tiles: int, device: torch.device, max_splits: int =
     return cdiv(rows, rows_per_split), rows_per_split
 
 
-def conv_grad_weight(
-    input_nhwc,
-    grad_output_nhwc,
+class GradWeightPlan(NamedTuple):
+    """A layer's grad_weight launches: `conv` into a float32 workspace of partial sums, `sum` into grad_weight."""
+
+    conv: Launch
+    sum: Launch
+    workspace: tuple[int, ...]  # (splits, groups, kH*kW*C_in/g, C_out/g)
+    strides: tuple[int, ...]  # grad_weight's: dense in the weight's own layout, as cuDNN returns it
+    channels_last: bool  # which layout that is (else contiguous)
+
+
+def weight_layout(weight_shape, weight_strides) -> tuple[tuple[int, ...], bool]:
+    """(strides, channels_last) of a dense gradient for a weight of this shape and these strides.
+
+    The gradient takes the weight's layout, channels-last or contiguous: the strides torch.empty gives
+    for that memory format, set directly (torch.empty_strided: ~2 us a call against ~6 with a memory format).
+    """
+    out_channels, in_per_group, kernel_h, kernel_w = weight_shape
+    if strides_prefer_channels_last(weight_shape, weight_strides):
+        return (kernel_h * kernel_w * in_per_group, 1, kernel_w * in_per_group, in_per_group), True
+    return (in_per_group * kernel_h * kernel_w, kernel_h * kernel_w, kernel_w, 1), False
+
+
+@functools.lru_cache(maxsize=1024)
+def grad_weight_plan(
+    input_shape,
+    input_strides,
+    grad_output_shape,
+    grad_output_strides,
+    dtype,
+    device,
+    weight_shape,
+    weight_strides,
     spec,
-    weight_shape: torch.Size,
-    dtype: torch.dtype,
     flat_k: bool,
     precision: str,
-    channels_last: bool,
-) -> torch.Tensor:
-    """Launch: input (N, H, W, C_in) and grad_output (N, H_out, W_out, C_out), both strided.
+) -> GradWeightPlan:
+    """The launches for one layer: input (N, C_in, H, W), grad_output (N, C_out, H_out, W_out), weight, with these strides.
 
-    Returns grad_weight (C_out, C_in/g, kH, kW) in `dtype`, channels-last memory when `channels_last`.
-    Grid: (K tiles, C_out/g tiles, groups x splits).
+    Grid: (K tiles, C_out/g tiles, groups x splits), then `sum_splits_launch`'s.
     """
-    batch, height, width, in_channels = input_nhwc.shape
-    _, out_height, out_width, out_channels = grad_output_nhwc.shape
+    batch, in_channels, height, width = input_shape
+    _, out_channels, out_height, out_width = grad_output_shape
     groups = spec.groups
     in_per_group, out_per_group = in_channels // groups, out_channels // groups
     kernel_h, kernel_w = weight_shape[2], weight_shape[3]
     reduction = kernel_h * kernel_w * in_per_group
     rows = batch * out_height * out_width
     tiles = cdiv(reduction, 64) * cdiv(out_per_group, 64) * groups
-    splits, rows_per_split = choose_splits(rows, tiles, input_nhwc.device, max_splits=65535 // groups)
-    workspace = torch.empty(splits, groups, reduction, out_per_group, device=input_nhwc.device, dtype=torch.float32)
+    splits, rows_per_split = choose_splits(rows, tiles, device, max_splits=65535 // groups)
 
     def grid(meta):
         if flat_k:
@@ -214,63 +240,60 @@ def conv_grad_weight(
             tiles_m = kernel_h * kernel_w * cdiv(in_per_group, meta["BLOCK_M"])
         return (tiles_m, cdiv(out_per_group, meta["BLOCK_N"]), groups * splits)
 
-    launch(
-        _grad_weight_kernel,
-        grid,
-        (input_nhwc, grad_output_nhwc, workspace),
-        rows,
-        rows_per_split,
-        splits,
-        height,
-        width,
-        out_height,
-        out_width,
-        in_per_group,
-        out_per_group,
-        kernel_h,
-        kernel_w,
-        *input_nhwc.stride(),
-        *grad_output_nhwc.stride(),
-        spec.stride[0],
-        spec.stride[1],
-        spec.padding[0],
-        spec.padding[2],
-        spec.dilation[0],
-        spec.dilation[1],
-        FLAT_K=flat_k,
-        PRECISION=precision,
-    )
-    return sum_splits(workspace.view(splits, groups, kernel_h * kernel_w, in_per_group, out_per_group), weight_shape, dtype, channels_last)
+    in_n, in_c, in_h, in_w = input_strides
+    go_n, go_c, go_h, go_w = grad_output_strides
+    scalars = (rows, rows_per_split, splits, height, width, out_height, out_width, in_per_group, out_per_group, kernel_h, kernel_w)
+    scalars += (in_n, in_h, in_w, in_c, go_n, go_h, go_w, go_c, *spec.stride, spec.padding[0], spec.padding[2], *spec.dilation)
+    conv = Launch(_grad_weight_kernel, grid, scalars, {"FLAT_K": flat_k, "PRECISION": precision})
+    strides, channels_last = weight_layout(weight_shape, weight_strides)
+    summed = sum_splits_launch(splits, groups, kernel_h * kernel_w, in_per_group, out_per_group, channels_last, device)
+    return GradWeightPlan(conv, summed, (splits, groups, reduction, out_per_group), strides, channels_last)
 
 
-def sum_splits(workspace: torch.Tensor, weight_shape: torch.Size, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """float32 workspace (splits, groups, kH*kW, C_in/g, C_out/g) -> grad_weight (C_out, C_in/g, kH, kW) in `dtype`.
+def conv_grad_weight(input, grad_output, weight, spec, flat_k: bool, precision: str) -> torch.Tensor:
+    """grad_weight, shaped like `weight` (C_out, C_in/g, kH, kW) and in its layout (channels-last or contiguous).
 
-    The splits are added in index order, then laid out and cast in the same pass; grad_weight is
-    channels-last memory when `channels_last` (the weight's own layout), else contiguous.
-    Grid: (kH*kW*C_in/g tiles, C_out/g tiles, groups).
+    input (N, C_in, H, W) and grad_output (N, C_out, H_out, W_out), any strides (channels-last
+    memory makes the tile loads contiguous runs of channels). All in one dtype.
     """
-    splits, groups, taps, in_per_group, out_per_group = workspace.shape
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    grad_weight = torch.empty(weight_shape, device=workspace.device, dtype=dtype, memory_format=memory_format)
-    block, warps = _sum_tile(groups * taps * in_per_group * out_per_group, workspace.device)
-    grid = (cdiv(taps * in_per_group, block), cdiv(out_per_group, block), groups)
-    launch(
-        _sum_splits_kernel,
-        grid,
-        (workspace, grad_weight),
-        splits,
-        workspace[0].numel(),
-        taps * in_per_group,
-        taps,
-        in_per_group,
-        out_per_group,
-        CHANNELS_LAST=channels_last,
-        BLOCK_R=block,
-        BLOCK_O=block,
-        num_warps=warps,
+    plan = grad_weight_plan(
+        input.shape,
+        input.stride(),
+        grad_output.shape,
+        grad_output.stride(),
+        input.dtype,
+        input.device,
+        weight.shape,
+        weight.stride(),
+        spec,
+        flat_k,
+        precision,
     )
+    return run_grad_weight(plan, input, grad_output, weight.shape)
+
+
+def run_grad_weight(plan: GradWeightPlan, input: torch.Tensor, grad_output: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    """Run a grad_weight plan (this module's or the depthwise one): partial sums, then their ordered reduction."""
+    workspace = torch.empty(plan.workspace, device=input.device, dtype=torch.float32)
+    grad_weight = torch.empty_strided(weight_shape, plan.strides, device=input.device, dtype=input.dtype)
+    plan.conv(input, grad_output, workspace)
+    plan.sum(workspace, grad_weight)
     return grad_weight
+
+
+def sum_splits_launch(splits: int, groups: int, taps: int, in_per_group: int, out_per_group: int, channels_last: bool, device) -> Launch:
+    """The launch that reduces a float32 workspace (splits, groups, kH*kW, C_in/g, C_out/g) into grad_weight (C_out, C_in/g, kH, kW).
+
+    Called with (workspace, grad_weight). The splits are added in index order, then laid out and cast
+    in the same pass; grad_weight is channels-last memory when `channels_last` (the weight's own
+    layout), else contiguous. Grid: (kH*kW*C_in/g tiles, C_out/g tiles, groups).
+    """
+    block, warps = _sum_tile(groups * taps * in_per_group * out_per_group, device)
+    grid = (cdiv(taps * in_per_group, block), cdiv(out_per_group, block), groups)
+    scalars = (splits, groups * taps * in_per_group * out_per_group, taps * in_per_group, taps, in_per_group, out_per_group)
+    return Launch(
+        _sum_splits_kernel, grid, scalars, {"CHANNELS_LAST": channels_last, "BLOCK_R": block, "BLOCK_O": block, "num_warps": warps}
+    )
 
 
 def _sum_tile(elements: int, device: torch.device) -> tuple[int, int]:

@@ -5,16 +5,18 @@ what a layer's repeated calls share: the tuned config, the specialisation and th
 On the H200 (bench/gpu_profile.py, 2026-11-27) our forward+backward spent ~1 ms of host time per
 call against 0.1-0.2 ms of kernels, so the GPU sat idle; Triton's path was ~100 us of each launch.
 
-`launch(kernel, grid, tensors, *scalars, **constexprs)` does what
-`kernel[grid](*tensors, *scalars, **constexprs)` does. The first call with a given key goes through
-Triton (tuning and compiling as usual); later calls launch the CompiledKernel Triton chose, directly.
-The key holds everything a compile or a tuning choice depends on: each tensor's dtype, 16-byte
-alignment and device (a compiled kernel is loaded per device), every scalar's exact value and the constexprs (scalars that vary per call would only cost
-a pass through Triton's path each; ours are shapes, strides and phase offsets, fixed per layer).
+A `Launch` is one kernel launch with everything but its tensors fixed: `Launch(kernel, grid, scalars,
+constexprs)(*tensors)` does what `kernel[grid](*tensors, *scalars, **constexprs)` does. The launchers
+(kernels/triton_fwd.py and the rest) build their Launches once per layer, in plans cached on what a
+compile depends on besides alignment: shapes, strides, dtypes, device, precision. So per call only
+each tensor's 16-byte alignment is read (Triton compiles aligned pointers into vector loads). The first
+call with a given alignment goes through Triton (tuning and compiling as usual); later calls launch the
+CompiledKernel Triton chose, directly, with the grid it had.
 
 Triton's launch hooks (triton.knobs.runtime.launch_enter_hook / launch_exit_hook, used by its
-profilers) see only the first launch of each key. Under TRITON_INTERPRET=1 there is nothing compiled to keep, and before Triton 3.3 a CompiledKernel
-takes another argument list: there every call goes through Triton.
+profilers) see only the first launch of each alignment. Under TRITON_INTERPRET=1 there is nothing
+compiled to keep, and before Triton 3.3 a CompiledKernel takes another argument list: there every
+call goes through Triton.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import triton
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from kernels.memo import BoundedMemo
 from kernels.triton_tuning import interpreting
 
 # From Triton 3.3 a CompiledKernel is launched with every bound argument, constexprs included (what
@@ -34,8 +35,6 @@ from kernels.triton_tuning import interpreting
 _SUPPORTED = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 3)
 # Read once: the kernels were decorated (compiled or interpreted) when they were imported.
 _INTERPRETED = interpreting()
-# key -> (compiled kernel, meta-parameters for the grid, trailing argument values in parameter order)
-_COMPILED = BoundedMemo(4096)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -43,32 +42,55 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def launch(kernel, grid: Callable[[dict], tuple] | tuple, tensors: tuple[torch.Tensor, ...], *scalars, **constexprs) -> None:
-    """`kernel[grid](*tensors, *scalars, **constexprs)`, for a kernel whose tensor parameters come first.
+class Launch:
+    """`kernel[grid](*tensors, *scalars, **constexprs)` with all but the tensors fixed.
 
-    `kernel` is a @triton.jit function, or one wrapped by @triton.autotune.
+    `kernel` is a @triton.jit function, or one wrapped by @triton.autotune, whose tensor parameters
+    come first. Whoever makes a Launch keeps it for one set of tensor dtypes on one device and one
+    value of everything `grid` reads (a layer's plan is keyed on them): of what Triton specialises
+    on, only the tensors' 16-byte alignment is read per call.
     """
-    if _INTERPRETED or not _SUPPORTED:
-        kernel[grid](*tensors, *scalars, **constexprs)
-        return
-    key = (id(kernel), tuple((t.dtype, t.data_ptr() % 16 == 0, t.get_device()) for t in tensors), scalars, tuple(constexprs.items()))
-    found = _COMPILED.get(key)
-    if found is None:
-        _first_launch(kernel, grid, tensors, scalars, constexprs, key)
-        return
-    compiled, meta, trailing = found
-    dims = (*(grid(meta) if callable(grid) else grid), 1, 1)
-    active = driver.active
-    stream = active.get_current_stream(active.get_current_device())
-    # What CompiledKernel's own runner does, less its reads of Triton's launch-hook knobs (environment
-    # look-ups, ~5 us a launch): these launches call no launch hooks.
-    compiled.run(
-        dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *tensors, *scalars, *trailing
-    )
+
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "_ready")
+
+    def __init__(self, kernel, grid: Callable[[dict], tuple] | tuple, scalars: tuple, constexprs: dict) -> None:
+        self.kernel, self.grid, self.scalars, self.constexprs = kernel, grid, scalars, constexprs
+        self._ready: dict[int, tuple] = {}  # alignment bits -> (compiled kernel, grid dims, trailing arguments)
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if _INTERPRETED or not _SUPPORTED:
+            self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs)
+            return
+        aligned = 0
+        for tensor in tensors:
+            aligned = aligned + aligned + (tensor.data_ptr() % 16 == 0)
+        ready = self._ready.get(aligned)
+        if ready is None:
+            self._ready[aligned] = _first_launch(self.kernel, self.grid, tensors, self.scalars, self.constexprs)
+            return
+        compiled, (grid_x, grid_y, grid_z), trailing = ready
+        active = driver.active
+        stream = active.get_current_stream(active.get_current_device())
+        # What CompiledKernel's own runner does, less its reads of Triton's launch-hook knobs (environment
+        # look-ups, ~5 us a launch): these launches call no launch hooks.
+        compiled.run(
+            grid_x,
+            grid_y,
+            grid_z,
+            stream,
+            compiled.function,
+            compiled.packed_metadata,
+            None,
+            None,
+            None,
+            *tensors,
+            *self.scalars,
+            *trailing,
+        )
 
 
-def _first_launch(kernel, grid, tensors, scalars, constexprs, key) -> None:
-    """Triton's own launch (tuning and compiling as needed), then remember the kernel it ran."""
+def _first_launch(kernel, grid, tensors, scalars, constexprs) -> tuple:
+    """Triton's own launch (tuning and compiling as needed); returns (the kernel it ran, grid dims, trailing arguments)."""
     args = (*tensors, *scalars)
     kernel[grid](*args, **constexprs)
     jit_fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an Autotuner wraps the JITFunction
@@ -79,4 +101,5 @@ def _first_launch(kernel, grid, tensors, scalars, constexprs, key) -> None:
     names = jit_fn.arg_names[len(args) :]
     defaults = [param.default for param in jit_fn.params[len(args) :]]
     trailing = tuple(meta[name] if name in meta else default for name, default in zip(names, defaults))
-    _COMPILED.remember(key, (compiled, meta, trailing))
+    dims = (*(grid(meta) if callable(grid) else grid), 1, 1)[:3]
+    return compiled, dims, trailing

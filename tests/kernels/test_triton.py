@@ -48,9 +48,25 @@ TRITON_CASES = [
     Case("channels_last_per_tap", in_channels=24, out_channels=16, stride=2, padding=1, layout="channels_last"),
     # Few output tiles over a long K: the forward splits its taps on a GPU too (triton_fwd.choose_tap_splits).
     Case("split_taps", in_channels=128, out_channels=32, padding=1, size=(5, 5)),
+    # In 16 bits grad_input reads a channels-last weight where it lies (no K-major copy): groups, per-tap K tiles.
+    Case(
+        "grouped_channels_last_weight",
+        in_channels=32,
+        out_channels=48,
+        groups=2,
+        stride=2,
+        padding=1,
+        size=(7, 6),
+        layout="channels_last_both",
+    ),
 ]
 ALL_CASES = CASES + TRITON_CASES
-HALF_CASES = [case for case in ALL_CASES if case.id in ("basic", "stem_c3_7x7_s2", "per_tap_k_tiles", "depthwise", "channels_last")]
+HALF_CASES = [
+    case
+    for case in ALL_CASES
+    if case.id
+    in ("basic", "stem_c3_7x7_s2", "per_tap_k_tiles", "depthwise", "channels_last", "channels_last_both", "grouped_channels_last_weight")
+]
 
 CPU = pytest.mark.skipif(not INTERPRETED, reason="triton runs on cpu only under TRITON_INTERPRET=1")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
@@ -198,6 +214,34 @@ def test_grad_weight_comes_in_the_weights_layout(case, weight_layout, device):
     expected = grads(torch_conv(case, input.detach().double(), exact_weight, None), grad_output.double(), [exact_weight])[0]
     assert ours.stride() == weight.stride()
     assert_parity("grad_weight", ours, expected, torch.float32)
+
+
+DEPTHWISE_WEIGHTS = {
+    "contiguous": lambda w: w,
+    "channels_last": lambda w: w.contiguous(memory_format=torch.channels_last),
+    "taps_transposed": lambda w: w.transpose(2, 3).contiguous().transpose(2, 3),  # kw has the big stride
+    "sliced": lambda w: torch.cat([w, torch.zeros_like(w)], dim=3)[..., : w.shape[3]],  # rows not one tap stride apart
+}
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
+@pytest.mark.parametrize("kernel_size", [(3, 3), (1, 3), (3, 1)], ids=lambda k: f"{k[0]}x{k[1]}")
+@pytest.mark.parametrize("weight_layout", DEPTHWISE_WEIGHTS)
+def test_depthwise_reads_the_weight_through_its_strides(weight_layout, kernel_size, device):
+    """The depthwise kernels read the weight where it lies when its taps sit at one stride, else a copy
+    (triton_depthwise.tap_strides): output, grad_input and grad_weight against the oracle for each."""
+    case = Case("depthwise_weight", in_channels=4, out_channels=8, groups=4, kernel_size=kernel_size, padding=1, stride=2, bias=False)
+    input, weight, _ = make_inputs(case, torch.float32, device)
+    weight = DEPTHWISE_WEIGHTS[weight_layout](weight.detach()).requires_grad_()
+    output = our_conv(case, input, weight, None, "triton")
+    grad_output = torch.randn(output.shape, generator=seeded(4)).to(device)
+    ours = (output, *grads(output, grad_output, [input, weight]))
+    exact_leaves = [input.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    exact = torch_conv(case, *exact_leaves, None)
+    for name, actual, expected in zip(
+        ("output", "grad_input", "grad_weight"), ours, (exact, *grads(exact, grad_output.double(), exact_leaves))
+    ):
+        assert_parity(name, actual, expected.detach(), torch.float32)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=CPU), pytest.param("cuda", id="cuda", marks=GPU)])
