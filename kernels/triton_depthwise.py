@@ -365,7 +365,7 @@ def depthwise_grad_weight_plan(
     # As a (splits, 1 group, taps, 1 channel, C_out) workspace, the shared reduction lays it out as (C_out, 1, kH, kW).
     strides, channels_last = weight_layout(weight_shape, weight_strides)
     summed = sum_splits_launch(splits, 1, taps, 1, out_channels, channels_last, device)
-    return GradWeightPlan(conv, summed, (splits, taps, out_channels), strides, channels_last)
+    return GradWeightPlan(conv, summed, (splits, taps, out_channels), strides)
 
 
 def depthwise_grad_weight(input, grad_output, weight, spec) -> torch.Tensor:
