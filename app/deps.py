@@ -75,22 +75,40 @@ def check_api_key(request: Request, settings: Settings) -> None:
         raise Unauthorized("missing or wrong API key: send Authorization: Bearer <CONV_API_KEY>", headers={"WWW-Authenticate": "Bearer"})
 
 
+# Longer than any byte count a server could hold, shorter than int()'s 4,300-digit limit.
+_MAX_DIGITS = 18
+
+
+def decimal_int(text: str | None) -> int | None:
+    """A header's or parameter's non-negative decimal integer ("12", " 12 "), else None.
+
+    ASCII digits only: `str.isdigit` alone also passes "²" and other Unicode digits, which int() then
+    refuses (a 500) or reads as numbers no client meant, and int() refuses strings of over 4,300 digits."""
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if 0 < len(text) <= _MAX_DIGITS and text.isascii() and text.isdigit() else None
+
+
 def _check_headers(request: Request, max_body_bytes: int, json_only: bool = True) -> int | None:
     """The declared Content-Length (None without one), after the media type, encoding and size checks."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if json_only and media_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'none'!r}")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed (identity)")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise MalformedBody(f"Content-Length must be a non-negative integer, got {declared!r}")
-        if int(declared) > max_body_bytes:
-            raise TooLarge(f"the body is {int(declared):,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
-        return int(declared)
-    return None
+    # Every Content-Encoding header, not only the first: "identity" then "gzip" is a gzipped body.
+    for value in request.headers.getlist("content-encoding"):
+        encoding = value.strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed (identity)")
+    header = request.headers.get("content-length")
+    if header is None:
+        return None
+    declared = decimal_int(header)
+    if declared is None:
+        raise MalformedBody(f"Content-Length must be a non-negative integer, got {header!r}")
+    if declared > max_body_bytes:
+        raise TooLarge(f"the body is {declared:,} bytes; the limit is {max_body_bytes:,} (CONV_MAX_BODY_BYTES)")
+    return declared
 
 
 # Where a binary section starts at a known offset (V2's Inference-Header-Content-Length), the body is

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
 
 import app as package
 import kernels
@@ -21,6 +22,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.parsing import BodyParser
 from app.routes import backward, forward, health, info, v2
 from app.schemas import BackwardRequest, ForwardRequest
+from app.v2 import errors as v2_errors
 from app.worker import DeviceWorker
 from kernels import compiled
 
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.parser = BodyParser(0)
     app.state.budget = MemoryBudget(settings.max_inflight_bytes, settings.retry_after_s)
     errors.install(app)
+    app.add_exception_handler(HTTPException, v2_errors.routing_error)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (forward.router, backward.router, health.router, info.router, v2.router):
         app.include_router(router)

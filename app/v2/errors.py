@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -30,15 +31,35 @@ class ModelNotFound(ApiError):
     status_code = 404
 
 
+def _entry_message(entry: Any) -> str:
+    """One {loc, msg} entry as "field: msg" (the protocol's body has no loc; most messages name their field already)."""
+    if not isinstance(entry, dict):
+        return str(entry)
+    text = str(entry.get("msg", entry))
+    field = ".".join(str(part) for part in entry.get("loc", ()) if part != "body")
+    return text if not field or text.startswith(field) else f"{field}: {text}"
+
+
 def message(detail: Any) -> str:
     """The native detail as one sentence: a 422 list of {loc, msg} becomes its messages joined."""
     if isinstance(detail, list):
-        return "; ".join(str(entry.get("msg", entry)) if isinstance(entry, dict) else str(entry) for entry in detail)
+        return "; ".join(_entry_message(entry) for entry in detail)
     return str(detail)
 
 
 def error_response(status_code: int, text: str, headers: dict[str, str] | None = None) -> Response:
     return json_response({"error": text}, status_code, headers)
+
+
+def is_v2_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def routing_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own 404 / 405 (no route, wrong method): {"error"} under /v2, FastAPI's {"detail"} elsewhere."""
+    if is_v2_path(request.url.path):
+        return error_response(error.status_code, message(error.detail), error.headers)
+    return await http_exception_handler(request, error)
 
 
 class V2Route(APIRoute):

@@ -19,6 +19,7 @@ padding and dilation; padding also "same" / "valid". Triton's own request parame
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 
 from app.codec import DTYPE_NAMES, encode_tensor
 from app.compute import Outcome
+from app.deps import decimal_int
 from app.problem import Problem
 from app.responses import Buffer
 from app.v2.errors import ProtocolError
@@ -36,6 +38,9 @@ _PAIRS = ("stride", "padding", "dilation")
 # Triton's reserved request parameters: meaningful to the protocol, not conv options.
 _IGNORED = {"sequence_id", "sequence_start", "sequence_end", "priority"}
 _NOT_PARAMETERS = {"input", "weight", "bias", "grad_output", "encoding"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Where split_body looks for binary inputs when a body without Inference-Header-Content-Length is not JSON.
+_HINT_BYTES = 1 << 16
 _V2_NAMES = {"output": "OUTPUT", "grad_input": "GRAD_INPUT", "grad_weight": "GRAD_WEIGHT", "grad_bias": "GRAD_BIAS"}
 
 
@@ -56,15 +61,19 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[Any, memoryview]:
     if header_length is None:
         json_bytes, binary = view, view[:0]
     else:
-        if not header_length.strip().isdigit() or int(header_length) > len(raw):
+        length = decimal_int(header_length)
+        if length is None or length > len(raw):
             raise ProtocolError(
                 f"Inference-Header-Content-Length must be an integer <= the body's {len(raw):,} bytes, got {header_length!r}"
             )
-        json_bytes, binary = view[: int(header_length)], view[int(header_length) :]
+        json_bytes, binary = view[:length], view[length:]
     try:
         return orjson.loads(json_bytes), binary
     except orjson.JSONDecodeError as error:
-        raise ProtocolError(f"the inference request header is not valid JSON: {error}") from None
+        hint = ""
+        if header_length is None and b'"binary_data_size"' in bytes(view[:_HINT_BYTES]):
+            hint = f" (binary tensor data after the JSON needs the {HEADER_LENGTH} header to say where the JSON ends)"
+        raise ProtocolError(f"the inference request header is not valid JSON: {error}{hint}") from None
 
 
 def _pair(name: str, value: Any) -> Any:
@@ -72,8 +81,8 @@ def _pair(name: str, value: Any) -> Any:
     if not isinstance(value, str) or value in ("same", "valid"):
         return value
     parts = [part.strip() for part in value.split(",")]
-    if len(parts) in (1, 2) and all(part.isdigit() for part in parts):
-        numbers = [int(part) for part in parts]
+    numbers = [decimal_int(part) for part in parts]
+    if len(numbers) in (1, 2) and None not in numbers:
         return numbers[0] if len(numbers) == 1 else numbers
     allowed = 'an int, [h, w], "h,w"' + (', "same" or "valid"' if name == "padding" else "")
     raise ProtocolError(f"parameter {name} must be {allowed}, got {value!r}")
@@ -132,6 +141,8 @@ def _json_tensor(name: str, shape: list[int], dtype: torch.dtype, data: Any) -> 
         raise ProtocolError(f"input {name}: data must be a list of numbers (flat row-major or nested)")
     if data and isinstance(data[0], list):
         return data  # nested: the codec reads its shape, checked against `shape` after parsing
+    if len(data) != math.prod(shape):
+        raise ProtocolError(f"input {name}: data has {len(data):,} values but shape {shape} needs {math.prod(shape):,}")
     return {"shape": shape, "dtype": DTYPE_NAMES[dtype], "data": data}
 
 
@@ -149,11 +160,15 @@ def _requested_outputs(model: Model, outputs: Any, binary_default: bool) -> dict
         return None
     if not isinstance(outputs, list):
         raise ProtocolError("outputs must be a list of {name, parameters}")
+    if not outputs:
+        return None  # as Triton reads it: no output named means every output
     requested: dict[str, bool] = {}
     for entry in outputs:
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in model.outputs:
             raise ProtocolError(f"model {model.name} has no output {name!r}; outputs: {list(model.outputs)}")
+        if name in requested:
+            raise ProtocolError(f"output {name} is requested twice")
         binary = _entry_parameters(entry, f"output {name}").get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise ProtocolError(f"output {name}: parameter binary_data must be true or false, got {binary!r}")
@@ -184,6 +199,8 @@ def decode_request(model: Model, header: Any, binary: memoryview) -> V2Request:
             raise ProtocolError(f"input {name}: datatype must be one of {list(DATATYPES)}, got {datatype!r}")
         dtype, shape = DATATYPES[datatype], _shape(name, entry.get("shape"))
         size = _entry_parameters(entry, f"input {name}").get("binary_data_size")
+        if size is not None and "data" in entry:
+            raise ProtocolError(f"input {name} has both data and a binary_data_size parameter; give one")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ProtocolError(f"input {name}: binary_data_size {size!r} does not fit the {len(binary) - offset:,} binary bytes left")
@@ -207,7 +224,9 @@ def decode_request(model: Model, header: Any, binary: memoryview) -> V2Request:
     if outputs is not None and "GRAD_BIAS" in outputs and "BIAS" not in shapes:
         raise ProtocolError("output GRAD_BIAS needs input BIAS")
     request_id = header.get("id")
-    return V2Request(str(request_id) if request_id is not None else None, body, shapes, outputs, binary_default)
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"id must be a string, got {type(request_id).__name__}")
+    return V2Request(request_id, body, shapes, outputs, binary_default)
 
 
 def check_shapes(model: Model, request: V2Request, problem: Problem) -> None:
@@ -225,8 +244,10 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()).cast("B")
 
 
-def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str, float]) -> dict[str, Any]:
-    """Flat scalars, as the protocol's parameters are: parity_ok, parity_max_abs_err_OUTPUT, timing_ms_compute, ..."""
+def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str, float], returned: Iterable[str]) -> dict[str, Any]:
+    """Flat scalars, as the protocol's parameters are: parity_ok, parity_max_abs_err_OUTPUT, timing_ms_compute, ...
+    Per-tensor figures only for the `returned` V2 outputs; parity_ok still covers everything computed."""
+    returned = set(returned)
     parameters: dict[str, Any] = {"algorithm": outcome.algorithm, "device": problem.device, "dtype": problem.dtype_name}
     report = outcome.parity
     if report is not None:
@@ -239,9 +260,13 @@ def response_parameters(outcome: Outcome, problem: Problem, timing_ms: dict[str,
             }
         )
         for field_name, entry in report["tensors"].items():
+            if _V2_NAMES[field_name] not in returned:
+                continue
             for key, value in entry.items():
                 parameters[f"parity_{key}_{_V2_NAMES[field_name]}"] = value
         for field_name, sides in ((report.get("exact") or {}).get("tensors") or {}).items():
+            if _V2_NAMES[field_name] not in returned:
+                continue
             for side, errors in sides.items():
                 for key, value in errors.items():
                     parameters[f"exact_{side}_{key}_{_V2_NAMES[field_name]}"] = value
@@ -274,7 +299,8 @@ def encode_response(
     The parts are the JSON header, then each binary output's own memory: sent one after another
     (app/responses.PartsResponse), never joined into a copy."""
     outputs, chunks = [], []
-    for name, (tensor, binary) in _outputs(model, request, outcome).items():
+    sent = _outputs(model, request, outcome)
+    for name, (tensor, binary) in sent.items():
         entry: dict[str, Any] = {"name": name, "datatype": DATATYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
         if binary:
             chunk = _raw_bytes(tensor)
@@ -286,7 +312,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model.name, "model_version": VERSION}
     if request.id is not None:
         header["id"] = request.id
-    header["parameters"] = response_parameters(outcome, problem, timing_ms)
+    header["parameters"] = response_parameters(outcome, problem, timing_ms, sent)
     header["outputs"] = outputs
     json_bytes = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     return [json_bytes, *chunks], len(json_bytes) if chunks else None

@@ -13,17 +13,15 @@ from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
-from app.deps import read_body
+from app.deps import decimal_int, read_body
 from app.metrics import Metrics
 from app.parsing import INLINE_MAX_BYTES
 from app.problem import Problem, parse_problem
 from app.responses import PartsResponse
 from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, run_problem
 from app.v2.models import Model
-from app.v2.protocol import V2Request, check_shapes, decode_request, encode_response, split_body, text_elements
+from app.v2.protocol import HEADER_LENGTH, V2Request, check_shapes, decode_request, encode_response, split_body, text_elements
 from app.worker import ClientGone, DeviceWorker
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def decode(
@@ -39,7 +37,7 @@ def decode(
 
 def _binary_offset(header_length: str | None) -> int:
     """Where the binary section starts, when the header says so (a bad value is reported by split_body)."""
-    return int(header_length) if header_length is not None and header_length.strip().isdigit() else 0
+    return decimal_int(header_length) or 0
 
 
 async def infer(request: Request, model: Model, settings: Settings, workers: dict[str, DeviceWorker], metrics: Metrics) -> Response:

@@ -190,26 +190,63 @@ def test_non_finite_json_values(open_server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mutate", "phrase"),
+    ("mutate", "status", "phrase"),
     [
-        (lambda body: body["inputs"].append({"name": "EXTRA", "shape": [1], "datatype": "FP32", "data": [1.0]}), "no input 'EXTRA'"),
-        (lambda body: body["inputs"][0].update(datatype="INT8"), "datatype must be one of"),
-        (lambda body: body["inputs"][0].update(shape=[1, 2, 5, 4]), "has 50 values but shape"),
-        (lambda body: body["inputs"].pop(1), "missing ['WEIGHT']"),
-        (lambda body: body["inputs"][0].pop("data"), "neither data nor"),
-        (lambda body: body.update(outputs=[{"name": "GRAD_INPUT"}]), "no output 'GRAD_INPUT'"),
-        (lambda body: body.update(parameters={"encoding": "list"}), "parameter 'encoding'"),
-        (lambda body: body["inputs"][0].update(parameters=[1]), "parameters must be a JSON object"),
-        (lambda body: body.update(parameters={"binary_data_output": "yes"}), "binary_data_output"),
+        (lambda body: body["inputs"].append({"name": "EXTRA", "shape": [1], "datatype": "FP32", "data": [1.0]}), 400, "no input 'EXTRA'"),
+        (lambda body: body["inputs"][0].update(datatype="INT8"), 400, "datatype must be one of"),
+        (lambda body: body["inputs"][0].update(shape=[1, 2, 5, 4]), 400, "input INPUT: data has 50 values but shape [1, 2, 5, 4] needs 40"),
+        (lambda body: body["inputs"].pop(1), 400, "missing ['WEIGHT']"),
+        (lambda body: body["inputs"][0].pop("data"), 400, "neither data nor"),
+        (lambda body: body["inputs"][0].update(parameters={"binary_data_size": 200}), 400, "input INPUT has both data and"),
+        (lambda body: body.update(outputs=[{"name": "GRAD_INPUT"}]), 400, "no output 'GRAD_INPUT'"),
+        (lambda body: body.update(outputs=[{"name": "OUTPUT"}, {"name": "OUTPUT"}]), 400, "output OUTPUT is requested twice"),
+        (lambda body: body.update(parameters={"encoding": "list"}), 400, "parameter 'encoding'"),
+        (lambda body: body["inputs"][0].update(parameters=[1]), 400, "parameters must be a JSON object"),
+        (lambda body: body.update(parameters={"binary_data_output": "yes"}), 400, "binary_data_output"),
+        (lambda body: body.update(id={"a": 1}), 400, "id must be a string, got dict"),
+        # Unicode digits pass str.isdigit but not int(); 5,000 digits pass neither int() nor any sense.
+        (lambda body: body.update(parameters={"stride": "\u00b2"}), 400, "parameter stride must be"),
+        (lambda body: body.update(parameters={"padding": "1,\u0662"}), 400, "parameter padding must be"),
+        (lambda body: body.update(parameters={"dilation": "9" * 5000}), 400, "parameter dilation must be"),
+        # A native 422's message gains its field when it does not start with it (V2 errors have no loc).
+        (lambda body: body.update(parameters={"groups": 3}), 422, "input: Given groups=3"),
     ],
 )
-def test_protocol_errors_have_error_body(open_server, mutate, phrase: str) -> None:
+def test_protocol_errors_have_error_body(open_server, mutate, status: int, phrase: str) -> None:
     x, w, _ = _problem()
     body = {"inputs": [_json_input("INPUT", x), _json_input("WEIGHT", w)]}
     mutate(body)
     response = _infer_json(open_server.url, body)
-    assert response.status_code in (400, 422), response.text
+    assert response.status_code == status, response.text
     assert set(response.json()) == {"error"} and phrase in response.json()["error"]
+
+
+def test_routing_errors_under_v2_have_error_body(open_server) -> None:
+    wrong_method = httpx.get(f"{open_server.url}/v2/models/conv2d/infer")
+    assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"error"}
+    no_route = httpx.get(f"{open_server.url}/v2/models/conv2d/stats/extra")
+    assert no_route.status_code == 404 and set(no_route.json()) == {"error"}
+    native = httpx.get(f"{open_server.url}/nothing-here")
+    assert native.status_code == 404 and set(native.json()) == {"detail"}
+
+
+def test_empty_outputs_means_every_output_and_parity_follows_what_is_returned(open_server) -> None:
+    """Triton reads "outputs": [] as no choice made; parity figures are given for the tensors sent only."""
+    x, w, b = _problem(9)
+    inputs = [_json_input("INPUT", x), _json_input("WEIGHT", w), _json_input("BIAS", b)]
+    every = _infer_json(open_server.url, {"inputs": inputs, "outputs": []}, model="conv2d_backward")
+    assert every.status_code == 200, every.text
+    assert [output["name"] for output in every.json()["outputs"]] == ["GRAD_INPUT", "GRAD_WEIGHT", "GRAD_BIAS"]
+    one = _infer_json(open_server.url, {"inputs": inputs, "outputs": [{"name": "GRAD_WEIGHT"}]}, model="conv2d_backward").json()
+    [output] = one["outputs"]
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    F.conv2d(x64, w64, b.double()).sum().backward()
+    actual = torch.tensor(output["data"], dtype=torch.float64).reshape(output["shape"])
+    torch.testing.assert_close(actual, w64.grad, atol=1e-4, rtol=1e-4)
+    parity_names = {
+        key.rsplit("_", 2)[-2] + "_" + key.rsplit("_", 1)[-1] for key in one["parameters"] if key.startswith("parity_max_abs_err_")
+    }
+    assert parity_names == {"GRAD_WEIGHT"} and one["parameters"]["parity_ok"] is True
 
 
 def test_binary_size_mismatch_and_bad_header_length(open_server) -> None:
@@ -230,8 +267,12 @@ def test_binary_size_mismatch_and_bad_header_length(open_server) -> None:
         {HEADER: str(len(content))},
     )
     assert wrong.status_code == 400 and "needs" in wrong.json()["error"]
-    bad = _post(open_server.url, "/v2/models/conv2d/infer", header, {HEADER: "lots"})
-    assert bad.status_code == 400 and HEADER in bad.json()["error"]
+    for length in ("lots", "\u00b2".encode("latin-1"), "9" * 5000, "0" * 5000 + "5"):
+        bad = _post(open_server.url, "/v2/models/conv2d/infer", header, {HEADER: length})
+        assert bad.status_code == 400 and HEADER in bad.json()["error"], (length, bad.text)
+    body = header + x.numpy().tobytes() + w.numpy().tobytes()
+    unsaid = _post(open_server.url, "/v2/models/conv2d/infer", body)
+    assert unsaid.status_code == 400 and f"needs the {HEADER} header" in unsaid.json()["error"]
     broken = _post(open_server.url, "/v2/models/conv2d/infer", b"{not json")
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
 
