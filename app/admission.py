@@ -12,6 +12,7 @@ size slows the server down but never locks a request out.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,14 +37,21 @@ class MemoryBudget:
 
     @contextmanager
     def hold(self) -> Iterator[Hold]:
-        """A reservation of 0 bytes that the request grows with `Hold.resize`, released on exit."""
+        """A reservation of 0 bytes that the request grows with `Hold.resize`, released on exit, or when
+        the computation given to `Hold.keep_until` ends if that is later (a 504 does not stop a running conv)."""
         hold = Hold(self)
         self.holders += 1
         try:
             yield hold
         finally:
-            self.holders -= 1
-            self.held_bytes -= hold.nbytes
+            if hold.running is None or hold.running.done():
+                self._release(hold)
+            else:
+                hold.running.add_done_callback(lambda _: self._release(hold))
+
+    def _release(self, hold: Hold) -> None:
+        self.holders -= 1
+        self.held_bytes -= hold.nbytes
 
 
 class Hold:
@@ -53,6 +61,12 @@ class Hold:
         self.budget = budget
         self.nbytes = 0  # held in the budget
         self.body_bytes = 0  # body bytes counted so far
+        self.running: asyncio.Future | None = None  # a computation that outlives the request (keep_until)
+
+    def keep_until(self, running: asyncio.Future) -> None:
+        """The request is leaving (deadline, client gone) while its conv still runs: its tensors stay in
+        memory until `running` ends, so its bytes stay held until then."""
+        self.running = running
 
     def body(self, nbytes: int) -> None:
         """The body's bytes so far (or as declared): `BODY_COPIES` times them."""

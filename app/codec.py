@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 import torch
 
 from app.errors import InvalidField, MalformedBody, TooLarge
@@ -193,6 +194,40 @@ def _with_non_finite(array: np.ndarray) -> np.ndarray:
     return marked
 
 
+# Elements turned into Python objects at a time when a tensor holds NaN or infinities. Whole, a 16.7M-element
+# output (the element limit) became 16.7M Python floats and strings: ~1.4 GB for a 100 MB response.
+JSON_CHUNK_ELEMENTS = 1 << 16
+
+
+def _chunk_json(array: np.ndarray) -> bytes:
+    marked = _with_non_finite(array)
+    return orjson.dumps(marked.tolist() if marked.dtype == object else marked, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _nested_json(array: np.ndarray) -> bytes:
+    """The JSON text of nested lists of `array` (non-finite values as strings), built from runs of sub-arrays
+    of at most JSON_CHUNK_ELEMENTS elements each, so only one run is ever Python objects."""
+    if array.size <= JSON_CHUNK_ELEMENTS:
+        return _chunk_json(array)
+    per_item = array.size // array.shape[0]
+    if per_item > JSON_CHUNK_ELEMENTS:
+        parts = [_nested_json(item) for item in array]
+    else:  # each run's "[a,b]" loses its brackets and the runs join with commas: the same text as one dump
+        step = JSON_CHUNK_ELEMENTS // per_item
+        parts = [_chunk_json(array[start : start + step])[1:-1] for start in range(0, array.shape[0], step)]
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _json_numbers(array: np.ndarray) -> np.ndarray | list | orjson.Fragment:
+    """Nested lists of `array` for orjson: the array itself when finite (orjson writes numpy arrays directly),
+    else the numbers with NaN / infinities as strings, as Python lists when small, pre-built JSON when not."""
+    if np.isfinite(array).all():
+        return array
+    if array.size <= JSON_CHUNK_ELEMENTS:
+        return _with_non_finite(array).tolist()
+    return orjson.Fragment(_nested_json(array))
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
@@ -210,11 +245,10 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
             "dtype": DTYPE_NAMES[tensor.dtype],
             "b64": base64.b64encode(raw.numpy().tobytes()).decode("ascii"),
         }
-    array = _with_non_finite(_numpy(tensor))
+    array = _numpy(tensor)
     if encoding == "flat":
-        data = array.ravel()
-        return {"shape": list(tensor.shape), "dtype": DTYPE_NAMES[tensor.dtype], "data": data.tolist() if data.dtype == object else data}
-    return array.tolist() if array.dtype == object else array
+        return {"shape": list(tensor.shape), "dtype": DTYPE_NAMES[tensor.dtype], "data": _json_numbers(array.ravel())}
+    return _json_numbers(array)
 
 
 def json_number(value: float) -> float | str:

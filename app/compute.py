@@ -16,7 +16,7 @@ import torch
 import kernels
 from app import parity
 from app.codec import as_dtype
-from app.errors import InvalidField, TooLarge
+from app.errors import DeadlineExceeded, InvalidField, TooLarge
 from app.problem import Problem
 from kernels.base import UnsupportedProblem, WorkTooLarge
 from kernels.memo import BoundedMemo
@@ -186,13 +186,22 @@ def _intra_op_threads(problem: Problem, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(default)
 
 
+def _check_deadline(deadline: float | None, stage: str) -> None:
+    """Between stages: a conv cannot be interrupted, but a request past its deadline starts no further one
+    (its caller has answered 504 already; the oracle can take far longer than ours on odd shapes)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"the request's deadline passed before {stage}")
+
+
 def _run(
     problem: Problem,
     device: torch.device,
     pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object],
     select: Callable,
+    deadline: float | None,
 ) -> Outcome:
-    """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU."""
+    """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU.
+    `deadline` (time.monotonic) is checked before each of the last two."""
     options = problem.options
     cpu = torch.device("cpu")
     with parity.tf32(options.allow_tf32, device), _intra_op_threads(problem, device):
@@ -201,20 +210,23 @@ def _run(
         ours = select(ours_raw)
         report, reference_ms = None, 0.0
         if options.parity:
+            _check_deadline(deadline, "the parity reference")
             reference_raw, reference_ms = _timed(device, lambda: pass_(parity.reference_conv, problem, device, problem.dtype))
+            if options.exact:
+                _check_deadline(deadline, "the float64 reference")
             exact = select(pass_(parity.reference_conv, problem, cpu, torch.float64)) if options.exact else None
             report = _report(problem, ours, select(reference_raw), exact)
     tensors = {name: None if value is None else value.cpu() for name, value in ours.items()}
     return Outcome(tensors, algorithm, report, {"compute": compute_ms, "reference": reference_ms})
 
 
-def run_forward(problem: Problem, device: torch.device) -> Outcome:
-    return _run(problem, device, _forward_pass, lambda output: {"output": output})
+def run_forward(problem: Problem, device: torch.device, deadline: float | None = None) -> Outcome:
+    return _run(problem, device, _forward_pass, lambda output: {"output": output}, deadline)
 
 
-def run_backward(problem: Problem, device: torch.device) -> Outcome:
+def run_backward(problem: Problem, device: torch.device, deadline: float | None = None) -> Outcome:
     keep = ("grad_input", "grad_weight", "grad_bias", *(("output",) if problem.options.return_output else ()))
-    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep})
+    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep}, deadline)
 
 
 def warm_up(device: torch.device) -> None:

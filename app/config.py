@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     inline_macs: int = Field(
         1 << 18,
         ge=0,
-        description='CPU requests with algorithm "auto" and at most this many MACs (x3 for /backward) run on the event loop, '
-        "not through the device queue: for them the thread hand-off costs more than the conv (0: always queue).",
+        description='CPU requests with algorithm "auto" and at most this much work run on the event loop, not through the '
+        "device queue: for them the thread hand-off costs more than the conv (0: always queue). Work is the MACs plus the "
+        "padded input's and the output's elements (x3 for /backward).",
     )
     queue_size: int = Field(64, ge=1, description="Requests that may wait per device; one more is answered 503 + Retry-After.")
     max_inflight_bytes: int = Field(

@@ -100,16 +100,33 @@ def errors(result: torch.Tensor, expected: torch.Tensor, atol: float) -> tuple[f
     """
     if result.numel() == 0:
         return 0.0, 0.0
-    if result.numel() <= SMALL_ELEMENTS:
-        max_abs, max_rel, _ = _small_comparison(result, expected, atol, None)
-        return max_abs, max_rel
-    ours, exact = result.detach().double(), expected.detach().double()
-    same = (ours == exact) | (ours.isnan() & exact.isnan())
-    difference = (ours - exact).abs().masked_fill(same, 0.0).nan_to_num(nan=torch.inf, posinf=torch.inf)  # not max float
-    magnitude = exact.abs()
-    relative = torch.where(magnitude > atol, difference / magnitude, 0.0)
-    relative = relative.nan_to_num(nan=torch.inf, posinf=torch.inf).masked_fill(same, 0.0)
-    return difference.max().item(), relative.max().item()
+    comparison = _small_comparison if result.numel() <= SMALL_ELEMENTS else _chunked_comparison
+    max_abs, max_rel, _ = comparison(result, expected, atol, None)
+    return max_abs, max_rel
+
+
+# Elements compared at a time: each float64 temporary is 8 MB, where whole tensors (16.7M elements at the
+# element limit) made ~1 GB of them.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunked_comparison(result: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float | None) -> tuple[float, float, bool]:
+    """`errors` and (rtol given) torch.allclose(..., equal_nan=True), in float64, a chunk at a time."""
+    flat_result, flat_expected = result.detach().reshape(-1), expected.detach().reshape(-1)
+    max_abs = max_rel = 0.0
+    close = True
+    for start in range(0, flat_result.numel(), CHUNK_ELEMENTS):
+        ours = flat_result[start : start + CHUNK_ELEMENTS].double()
+        exact = flat_expected[start : start + CHUNK_ELEMENTS].double()
+        same = (ours == exact) | (ours.isnan() & exact.isnan())
+        difference = (ours - exact).abs().masked_fill(same, 0.0).nan_to_num(nan=torch.inf, posinf=torch.inf)  # not max float
+        magnitude = exact.abs()
+        relative = torch.where(magnitude > atol, difference / magnitude, 0.0)
+        relative = relative.nan_to_num(nan=torch.inf, posinf=torch.inf).masked_fill(same, 0.0)
+        max_abs, max_rel = max(max_abs, difference.max().item()), max(max_rel, relative.max().item())
+        if rtol is not None and close:
+            close = torch.allclose(ours, exact, rtol=rtol, atol=atol, equal_nan=True)
+    return max_abs, max_rel, close
 
 
 def _small_comparison(result: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float | None) -> tuple[float, float, bool]:
@@ -134,11 +151,8 @@ def _small_comparison(result: torch.Tensor, expected: torch.Tensor, atol: float,
 
 def compare(result: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> dict:
     """One entry of parity.tensors: max errors and torch.allclose(result, expected, rtol, atol, equal_nan=True)."""
-    if 0 < result.numel() <= SMALL_ELEMENTS:
-        max_abs, max_rel, close = _small_comparison(result, expected, atol, rtol)
-    else:
-        max_abs, max_rel = errors(result, expected, atol)
-        close = torch.allclose(result.detach().double(), expected.detach().double(), rtol=rtol, atol=atol, equal_nan=True)
+    comparison = _small_comparison if result.numel() <= SMALL_ELEMENTS else _chunked_comparison
+    max_abs, max_rel, close = comparison(result, expected, atol, rtol)
     return {"max_abs_err": json_number(max_abs), "max_rel_err": json_number(max_rel), "allclose": bool(close)}
 
 

@@ -7,6 +7,7 @@ allocate nothing), and work is counted in MACs against the limits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +53,12 @@ class Problem:
     dtype: torch.dtype
     device: str
     macs: int
-    # Host bytes its tensors take while it runs (app/admission.py): inputs, output and gradients, and
-    # the oracle's copies of those with parity on.
+    # Host bytes it takes while it runs (app/admission.py): inputs, output and gradients, the oracle's
+    # copies of the results with parity on, the padded input, and the results' encoded JSON.
     memory_bytes: int
+    # Elements its convs read and write besides the MACs' count: the padded input and the output (x3 for
+    # /backward). A 4-MAC request padded by 4,000 builds a 64M-element input: not a tiny problem.
+    moved_elements: int = 0
 
     @property
     def dtype_name(self) -> str:
@@ -166,6 +170,10 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
     weight = decode("weight", (4,))
     bias = decode("bias", (1,))
     grad_output = decode("grad_output", (3, 4)) if backward else None
+    if grad_output is not None and "loss" in options.model_fields_set:
+        raise InvalidField(
+            "loss", "give grad_output or loss, not both: with grad_output the gradients are those of sum(output * grad_output)"
+        )
     assert input is not None and weight is not None
     dtype = DTYPES[options.dtype] if options.dtype else input.dtype
     input, weight, bias, grad_output = (as_dtype(tensor, dtype) for tensor in (input, weight, bias, grad_output))
@@ -196,5 +204,20 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
         )
     tensors = sum(tensor.numel() for tensor in (input, weight, bias, grad_output) if tensor is not None)
     results = output_elements + (input.numel() + weight.numel() if backward else 0)
-    memory = torch.empty((), dtype=dtype).element_size() * (tensors + results * (2 if options.parity else 1))
-    return Problem(options, input, weight, bias, grad_output, dtype, device, work, memory)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    memory = element_size * (tensors + results * (2 if options.parity else 1) + padded_elements)
+    memory += math.ceil(results * _encoded_bytes_per_element(options.encoding, element_size)) + REPORT_BYTES
+    moved = (padded_elements + output_elements) * (3 if backward else 1)
+    return Problem(options, input, weight, bias, grad_output, dtype, device, work, memory, moved)
+
+
+# The response's parity report, timings and JSON framing, beside its tensors.
+REPORT_BYTES = 4096
+
+
+def _encoded_bytes_per_element(encoding: str, element_size: int) -> float:
+    """Response bytes per result element: base64 is 4/3 of the raw bytes; a JSON number takes up to
+    15 characters and a comma for float32 and the 16-bit types ("-1.1754944e-38,"), 25 for float64."""
+    if encoding == "base64":
+        return element_size * 4 / 3
+    return 25 if element_size == 8 else 16

@@ -15,6 +15,7 @@ from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import compute
+from app.admission import Hold
 from app.codec import encode_tensor
 from app.config import Settings
 from app.deps import app_state, check_api_key, read_body
@@ -61,27 +62,31 @@ async def run_problem(
     deadline: float,
     backward: bool,
     timing_ms: dict[str, float],
+    hold: Hold | None = None,
 ) -> compute.Outcome:
     """Queue the checked problem on its device's worker and wait; adds queue / compute / reference to
     `timing_ms`. Shared by /forward, /backward and the V2 infer route. Raises ClientGone, 503, 504, 507.
 
-    Tiny CPU problems with algorithm "auto" (CONV_INLINE_MACS) run right here on the event loop: a
+    Tiny CPU problems with algorithm "auto" (CONV_INLINE_MACS: MACs plus the padded input's and the output's
+    elements, so a few MACs over a huge padding do not count as tiny) run right here on the event loop: a
     few hundred microseconds of work, less than the two thread hand-offs and the GIL contention that
     queueing them costs. Named algorithms always queue: they may be slow by design (e.g. "reference")."""
     run = compute.run_backward if backward else compute.run_forward
     worker = workers[problem.device]
-    if problem.device == "cpu" and problem.options.algorithm == "auto" and problem.macs <= settings.inline_macs:
-        outcome = worker.run_inline(lambda device: run(problem, device), deadline)
+    small = problem.macs + problem.moved_elements <= settings.inline_macs
+    if problem.device == "cpu" and problem.options.algorithm == "auto" and small:
+        outcome = worker.run_inline(lambda device: run(problem, device, deadline), deadline)
         queue_ms = 0.0
     else:
         started: list[float] = []
 
         def job(device):
             started.append(time.perf_counter())
-            return run(problem, device)
+            return run(problem, device, deadline)
 
         queued = time.perf_counter()
-        outcome = await worker.run(job, deadline, request.is_disconnected)
+        # A conv still running when the request leaves keeps its memory held until it ends.
+        outcome = await worker.run(job, deadline, request.is_disconnected, hold.keep_until if hold is not None else None)
         queue_ms = ((started[0] if started else queued) - queued) * 1e3
     request.state.algorithm = outcome.algorithm
     timing_ms["queue"] = queue_ms
@@ -106,7 +111,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
         try:
-            outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms)
+            outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms, hold)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)

@@ -46,6 +46,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     abandoned: bool = False
+    running: asyncio.Future | None = None  # the computation on the worker's thread, once started
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -123,14 +124,24 @@ class DeviceWorker:
         self._waiting += 1
         return job
 
-    async def run(self, fn: DeviceFn, deadline: float, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Any:
-        """Queue `fn`, wait for its result; 504 past `deadline`, ClientGone when `is_disconnected()` says so."""
+    async def run(
+        self,
+        fn: DeviceFn,
+        deadline: float,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        outlives: Callable[[asyncio.Future], None] | None = None,
+    ) -> Any:
+        """Queue `fn`, wait for its result; 504 past `deadline`, ClientGone when `is_disconnected()` says so.
+
+        A running computation cannot be stopped: when the caller leaves while it runs, `outlives` gets the
+        future that completes when it ends (app/admission.py keeps the request's memory held until then)."""
         job = self.submit(fn, deadline)
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DeadlineExceeded(f"the request did not finish within its deadline (queued on {self.name})")
+                    where = "queued" if job.started_at is None else "still running"
+                    raise DeadlineExceeded(f"the request did not finish within its deadline ({where} on {self.name})")
                 wait = min(remaining, _DISCONNECT_POLL_S) if is_disconnected is not None else remaining
                 done, _ = await asyncio.wait({job.future}, timeout=wait)
                 if done:
@@ -143,6 +154,8 @@ class DeviceWorker:
                 if job.started_at is None and not job.abandoned:
                     self._waiting -= 1
                     job.fn = None  # the request's tensors are not kept alive by a dead entry
+                elif job.running is not None and outlives is not None:
+                    outlives(job.running)
                 job.abandoned = True
                 job.future.cancel()
 
@@ -171,7 +184,8 @@ class DeviceWorker:
             job.started_at = time.monotonic()
             self.busy = True
             try:
-                result = await loop.run_in_executor(self._executor, self._call, job.fn)
+                job.running = loop.run_in_executor(self._executor, self._call, job.fn)
+                result = await job.running
             except asyncio.CancelledError:
                 raise
             except BaseException as error:  # noqa: BLE001 - handed to the waiting request

@@ -59,7 +59,7 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
         try:
-            outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms)
+            outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms, hold)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         metrics.observe_stages(timing_ms)

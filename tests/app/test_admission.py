@@ -92,3 +92,25 @@ async def test_a_request_past_the_limit_is_503_while_another_holds_memory(path: 
     result = after.json()
     assert (result["output"] if path == "/forward" else result["outputs"][0]["data"]) in ([[[[2.0]]]], [2.0])
     assert budget.held_bytes == 0 and budget.holders == 0
+
+
+@pytest.mark.parametrize("encoding", ["list", "flat", "base64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_estimate_covers_the_encoded_response_and_the_padded_input(encoding: str, dtype: str) -> None:
+    """A 1x1 input padded by 200 with a NaN bias: a 79-byte body whose 160,801-element answer is ~1 MB of
+    JSON strings. Problem.memory_bytes, what admission counts (twice), must cover the response's bytes on
+    top of its tensors and the padded input."""
+    import time
+
+    from app import compute
+    from app.config import Settings
+    from app.problem import parse_problem
+    from app.service import _encode
+
+    body = {"input": [[[[1.0]]]], "weight": [[[[1.0]]]], "bias": ["NaN"], "padding": 200, "encoding": encoding, "dtype": dtype}
+    problem = parse_problem(body, False, Settings(), ["cpu"], "cpu")
+    outcome = compute.run_forward(problem, torch.device("cpu"))
+    response_bytes = sum(len(part) for part in _encode(outcome, problem, {}, time.perf_counter()))
+    element_size = 8 if dtype == "float64" else 4
+    tensors = element_size * (2 * outcome.tensors["output"].numel() + 401 * 401)  # ours and the oracle's outputs, padded input
+    assert problem.memory_bytes >= tensors + response_bytes

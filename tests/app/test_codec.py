@@ -53,6 +53,33 @@ def test_non_finite_are_the_documented_strings(encoding: str) -> None:
     assert values == ["NaN", "Infinity", "-Infinity", 1.5]
 
 
+@pytest.mark.parametrize("shape", [(30,), (3, 4), (2, 3, 5), (2, 1, 9, 2), (1, 1, 40, 3), (13, 1), (4, 2, 3)], ids=str)
+@pytest.mark.parametrize("encoding", ["list", "flat"])
+def test_tensors_with_non_finite_values_encode_in_chunks_as_one_document(monkeypatch, shape, encoding: str) -> None:
+    """Past JSON_CHUNK_ELEMENTS a tensor holding NaN / infinities is written a run of sub-arrays at a time
+    (never all its elements as Python objects at once): the same nested document, in every nesting case."""
+    from app import codec
+
+    generator = torch.Generator().manual_seed(len(shape))
+    tensor = torch.randn(shape, generator=generator)
+    flat = tensor.view(-1)
+    flat[::3], flat[1::5], flat[2::7] = math.nan, math.inf, -math.inf
+    whole = through_json(tensor, encoding)
+    monkeypatch.setattr(codec, "JSON_CHUNK_ELEMENTS", 7)
+    chunked = through_json(tensor, encoding)
+    assert_same(from_json(chunked, torch.float32), tensor)
+    assert json_values(chunked) == json_values(whole)
+
+
+def json_values(document):
+    """Nested JSON values with numbers as float32, so the shortest and the float64 reprs of one value compare equal."""
+    if isinstance(document, dict):
+        return {key: json_values(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [json_values(value) for value in document]
+    return document if isinstance(document, str) else float(torch.tensor(document, dtype=torch.float32))
+
+
 def test_finite_float32_lists_are_shortest_repr() -> None:
     assert through_json(torch.tensor([0.1, -2.5]), "list") == [0.1, -2.5]
 

@@ -245,6 +245,51 @@ async def test_tiny_auto_problems_run_inline_past_a_busy_worker() -> None:
     assert inline.json()["parity"]["ok"] is True
 
 
+async def test_few_macs_over_a_huge_padding_queue_instead_of_running_inline() -> None:
+    """CONV_INLINE_MACS counts the padded input's and the output's elements too: 4 MACs over a 201x201
+    padded input (a 64M-element one held the event loop for 6 s) go through the device queue."""
+    sparse = {"input": [[[[1.0]]]], "weight": [[[[1.0, 1.0], [1.0, 1.0]]]], "padding": 100, "dilation": 100, "stride": 1000}
+    async with running(inline_macs=1000) as (app, client):
+        worker = app.state.workers["cpu"]
+        release = block(worker)
+        await until(lambda: worker.busy)
+        queued = asyncio.create_task(client.post("/forward", json=sparse))
+        await until(lambda: worker.queue_depth == 1)
+        release.set()
+        response = await queued
+    assert response.status_code == 200 and response.json()["output"] == [[[[1.0]]]]
+
+
+async def test_504_while_running_keeps_its_memory_held_and_skips_the_reference(monkeypatch) -> None:
+    """A conv cannot be interrupted: past the deadline the client gets its 504 at once, the request's bytes
+    stay held (CONV_MAX_INFLIGHT_BYTES) until the conv ends, and no parity reference starts after it."""
+    import app.compute as compute
+
+    started, release, references = threading.Event(), threading.Event(), []
+    original_ours = compute._ours
+
+    def slow_ours(algorithm):
+        conv = original_ours(algorithm)
+
+        def run(*args):
+            started.set()
+            release.wait(10)
+            return conv(*args)
+
+        return run
+
+    monkeypatch.setattr(compute, "_ours", slow_ours)
+    monkeypatch.setattr(compute.parity, "reference_conv", lambda *args: references.append(args))
+    async with running(inline_macs=0) as (app, client):
+        budget = app.state.budget
+        response = await client.post("/forward", json=body(timeout_s=0.3))
+        assert started.is_set() and budget.held_bytes > 0
+        release.set()
+        await until(lambda: budget.held_bytes == 0 and not app.state.workers["cpu"].busy)
+    assert response.status_code == 504 and "still running on cpu" in response.json()["detail"]
+    assert references == []
+
+
 async def test_504_for_an_inline_problem_past_its_deadline() -> None:
     async with running() as (_, client):
         response = await client.post("/forward", json=body(timeout_s=1e-9))  # tiny "auto": would run inline
@@ -271,11 +316,11 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
     original = compute.run_forward
     calls = {"count": 0}
 
-    def first_fails(problem, device):
+    def first_fails(problem, device, deadline=None):
         calls["count"] += 1
         if calls["count"] == 1:
             raise error
-        return original(problem, device)
+        return original(problem, device, deadline)
 
     monkeypatch.setattr(compute, "run_forward", first_fails)
     async with running() as (_, client):
@@ -288,7 +333,7 @@ async def test_507_out_of_memory_then_keeps_serving(monkeypatch, error: Exceptio
 async def test_unexpected_bug_is_a_logged_500_without_internals(monkeypatch) -> None:
     import app.compute as compute
 
-    def broken(problem, device):
+    def broken(problem, device, deadline=None):
         raise KeyError("secret internals")
 
     monkeypatch.setattr(compute, "run_forward", broken)

@@ -57,3 +57,19 @@ def test_allclose_boundary_is_inclusive(monkeypatch, small):
     result, expected = torch.tensor([1.5, 2.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert parity.compare(result, expected, atol=0.5, rtol=0.0)["allclose"] is True
     assert parity.compare(result, expected, atol=0.25, rtol=0.0)["allclose"] is False
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_comparison_matches_one_pass(monkeypatch, seed):
+    """Big tensors are compared a chunk at a time (bounded float64 temporaries): the same figures as one pass,
+    and allclose false when only one element, in the last chunk, is far."""
+    monkeypatch.setattr(parity, "SMALL_ELEMENTS", 0)
+    result, expected = _pair(1000, torch.float32, seed)
+    atol, rtol = 1e-5, 1e-4
+    whole = parity.compare(result, expected, atol, rtol), parity.errors(result, expected, atol)
+    monkeypatch.setattr(parity, "CHUNK_ELEMENTS", 7)
+    assert (parity.compare(result, expected, atol, rtol), parity.errors(result, expected, atol)) == whole
+    close = expected.clone()
+    close[-1] = close[-1] + 1.0 if torch.isfinite(close[-1]) else 1.0
+    entry = parity.compare(close, expected, atol, rtol)
+    assert entry["allclose"] is False and entry == {**entry, "allclose": torch.allclose(close, expected, rtol, atol, equal_nan=True)}

@@ -131,6 +131,8 @@ CASES = [
     Case("unknown_loss", 422, "loss", seed_body(loss="l1"), routes=("/backward",)),
     # Gradient and work limits.
     Case("grad_output_wrong_shape", 422, "grad_output", seed_body(grad_output=[[[[1.0] * 4] * 4] * 2] * 2), routes=("/backward",)),
+    # Either says which gradient to take; both at once would silently ignore the loss.
+    Case("grad_output_and_loss", 422, "loss", seed_body(grad_output=[[[[1.0] * 3] * 3] * 2] * 2, loss="sum"), routes=("/backward",)),
     # 1x4096x1x1 input, 1x4096x3x3 weight, padding 2000: a tiny body, a 4001x4001 output, 5.9e11 MACs.
     Case(
         "macs_over_limit",
@@ -203,6 +205,15 @@ def test_bad_input(main_server, case: Case, route: str) -> None:
     assert response.status_code == case.status, response.text[:1000]
     assert _detail_names(response.json(), case.names), f"the detail does not name {case.names!r}: {response.text[:1000]}"
     assert_clean(response)
+    assert_healthy(main_server)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_content_encoding_header_is_read(main_server, route: str) -> None:
+    """Two headers, identity then gzip, say the body is gzipped: the second one counts too."""
+    headers = [("content-type", "application/json"), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    response = httpx.post(f"{main_server.url}{route}", content=gzip.compress(VALID), headers=headers, timeout=60)
+    assert response.status_code == 415 and "Content-Encoding 'gzip'" in response.json()["detail"], response.text
     assert_healthy(main_server)
 
 
