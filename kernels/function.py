@@ -143,6 +143,13 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
     return plan
 
 
+def _autocast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Autocast's rule for its lower-precision ops: floating tensors other than float64 take `dtype`."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -165,6 +172,14 @@ def conv2d(
             raise TypeError(f"conv2d(): argument '{name}' must be Tensor, not {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'bias' must be Tensor or None, not {type(bias).__name__}")
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As nn.Conv2d under autocast: run in the autocast dtype (float64 stays), with autocast off inside
+        # so our own matmuls are not cast again.
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight, bias = (_autocast(tensor, dtype) for tensor in (input, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return conv2d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     unbatched = input.dim() == 3
     batched = input.unsqueeze(0) if unbatched else input
     spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)

@@ -7,6 +7,7 @@ a padding mode) into a `ConvSpec` that algorithms consume, and raises the same e
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,8 +48,8 @@ def pair(value: IntPair, name: str) -> tuple[int, int]:
     """An int or a 1- or 2-sequence of ints as (h, w), with torch's error for other lengths."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(value, int):
-        return (value, value)
+    if isinstance(value, numbers.Integral):  # int, and numpy's integers as torch takes them (configs read through numpy)
+        return (int(value), int(value))
     values = tuple(value)
     if len(values) == 1:
         values = values * 2
@@ -58,9 +59,9 @@ def pair(value: IntPair, name: str) -> tuple[int, int]:
             f"convolution dimensions, but got {name}={list(values)}"
         )
     for item in values:
-        if isinstance(item, bool) or not isinstance(item, int):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             raise TypeError(f"{name} must contain ints, got {item!r}")
-    return values  # type: ignore[return-value]
+    return (int(values[0]), int(values[1]))
 
 
 def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -157,8 +158,9 @@ def _validate(input, weight, bias, stride, padding, dilation, groups, padding_mo
         raise RuntimeError("non-positive stride is not supported")
     if min(dilation_hw) <= 0:
         raise RuntimeError(f"dilation should be greater than zero, but got {list(dilation_hw)}")
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups must be an int, got {groups!r}")
+    groups = int(groups)
     if groups <= 0:
         raise RuntimeError("non-positive groups is not supported")
     out_channels, in_per_group, kernel_height, kernel_width = weight.shape

@@ -117,3 +117,38 @@ def test_module_uses_our_conv_not_torchs():
             module(torch.randn(1, 2, 4, 4))
     finally:
         kernels.set_limits(reference_max_macs=kernels_limits.reference_max_macs)
+
+
+def test_numpy_integer_arguments_are_taken_as_torch_takes_them():
+    """Configs read through numpy give np.int64 strides and groups; nn.Conv2d and F.conv2d take them."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(3)
+    ours = kernels.Conv2d(4, 6, 3, stride=np.int64(2), padding=np.int32(1), dilation=(np.int64(1), 2), groups=np.int64(2)).double()
+    theirs = nn.Conv2d(4, 6, 3, stride=np.int64(2), padding=np.int32(1), dilation=(np.int64(1), 2), groups=np.int64(2)).double()
+    theirs.load_state_dict(ours.state_dict())
+    input = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(ours(input), theirs(input), **dict(zip(("atol", "rtol"), tolerance(torch.float64))))
+    with pytest.raises(TypeError, match="stride must contain ints"):
+        kernels.conv2d(input, theirs.weight, stride=(np.float64(2), 1), groups=2)
+
+
+@pytest.mark.parametrize("with_grad", [False, True], ids=["no_grad", "grad"])
+def test_autocast_runs_the_conv_in_its_dtype_as_nn_conv2d_does(with_grad: bool):
+    """Under torch.autocast nn.Conv2d computes in the autocast dtype; so must the drop-in, gradients included."""
+    torch.manual_seed(4)
+    ours, theirs = kernels.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    input = torch.randn(2, 3, 8, 8, requires_grad=with_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(with_grad):
+        output, expected = ours(input), theirs(input)
+    assert output.dtype == expected.dtype == torch.bfloat16
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(output.float(), expected.float(), atol=atol, rtol=rtol)
+    if with_grad:
+        (weight_grad,) = torch.autograd.grad(output.float().sum(), ours.weight)
+        (expected_grad,) = torch.autograd.grad(expected.float().sum(), theirs.weight)
+        assert weight_grad.dtype == torch.float32  # the parameter's own dtype, through autocast's cast
+        # A 128-term bfloat16 sum: its rounding scales with the largest gradient, so the tolerance does too.
+        assert (weight_grad - expected_grad).abs().max() <= atol + rtol * expected_grad.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast, as autocast leaves it
+        assert ours.double()(input.double()).dtype == torch.float64
