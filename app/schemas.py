@@ -119,7 +119,10 @@ class Errors(BaseModel):
 
 
 class TensorParity(Errors):
-    allclose: bool
+    allclose: bool = Field(
+        description="torch.allclose(ours, reference, rtol, atol, equal_nan=True): every element within tolerance of itself"
+    )
+    close: bool = Field(description="the verdict: max_abs_err <= atol + rtol * max |reference| (the tensor's scale); `ok` is all of them")
 
 
 class ExactReport(BaseModel):

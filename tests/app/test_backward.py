@@ -70,3 +70,22 @@ async def test_grouped_strided_reflect_with_exact_oracle(client) -> None:
     for name in ("grad_input", "grad_weight", "grad_bias"):
         torch.testing.assert_close(from_json(result[name]), expected[name], atol=1e-5, rtol=1e-4)
     assert set(result["parity"]["exact"]["tensors"]) == {"grad_input", "grad_weight", "grad_bias"}
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "weight_shape", "options"),
+    [((2, 32, 40, 40), (32, 1, 3, 3), {"groups": 32, "padding": 1}), ((2, 3, 64, 64), (16, 3, 7, 7), {"stride": 2, "padding": 3})],
+    ids=["depthwise", "stem"],
+)
+async def test_float32_gradients_of_long_sums_report_ok(client, input_shape, weight_shape, options) -> None:
+    """grad_weight sums 3,200 (depthwise) or 2,048 (stem) products: float32 rounding reaches 2e-4 near small
+    elements, which torch.allclose refused in 2-3 of 5 random requests here though ours was as accurate as
+    torch's. The verdict is judged against each tensor's scale (app/parity.py `compare`)."""
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(5):
+        tensors = [torch.randn(shape, generator=generator) for shape in (input_shape, weight_shape, weight_shape[:1])]
+        body = {name: to_json(tensor) for name, tensor in zip(("input", "weight", "bias"), tensors)}
+        result = await backward(client, {**body, **options, "exact": True})
+        assert result["parity"]["ok"], result["parity"]
+        for name, sides in result["parity"]["exact"]["tensors"].items():  # and ours is as close to float64 as torch's
+            assert sides["ours"]["max_abs_err"] <= 4 * sides["torch"]["max_abs_err"] + 1e-6, (name, sides)

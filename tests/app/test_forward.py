@@ -153,3 +153,24 @@ async def test_non_finite_inputs_round_trip(client, encoding: str) -> None:
 async def test_device_cpu_by_name(client) -> None:
     result = await post(client, {**FORWARD_EXAMPLE, "device": "cpu"})
     assert result["device"] == "cpu"
+
+
+@pytest.mark.parametrize("route", ["/forward", "/backward"])
+async def test_parity_is_not_ok_when_our_conv_misses_a_tap(client, monkeypatch, route: str) -> None:
+    """The report can fail: our conv with one kernel tap dropped is caught (output, grad_input and grad_weight)."""
+    import app.compute as compute
+
+    def missing_tap(algorithm):
+        def conv(input, weight, bias, *args):
+            mask = torch.ones_like(weight)
+            mask[..., 0, 0] = 0
+            return kernels.conv2d(input, weight * mask, bias, *args, algorithm=algorithm)
+
+        return conv
+
+    monkeypatch.setattr(compute, "_ours", missing_tap)
+    x, w, b = random(2, 3, 9, 9), random(4, 3, 3, 3, seed=1), random(4, seed=2)
+    response = await client.post(route, json={"input": to_json(x), "weight": to_json(w), "bias": to_json(b), "padding": 1})
+    parity = response.json()["parity"]
+    assert parity["ok"] is False
+    assert all(entry["close"] is False for name, entry in parity["tensors"].items() if name != "grad_bias"), parity

@@ -45,8 +45,9 @@ def test_small_comparison_matches_the_torch_ops(monkeypatch, dtype, size, seed):
 def test_small_comparison_reports_real_errors():
     result, expected = torch.tensor([1.0, 2.0, math.nan, 5.0]), torch.tensor([1.0, 2.5, math.nan, 0.0])
     entry = parity.compare(result, expected, atol=1e-5, rtol=1e-4)
-    assert entry == {"max_abs_err": 5.0, "max_rel_err": 0.2, "allclose": False}
-    assert parity.compare(expected, expected, atol=0.0, rtol=0.0) == {"max_abs_err": 0.0, "max_rel_err": 0.0, "allclose": True}
+    assert entry == {"max_abs_err": 5.0, "max_rel_err": 0.2, "allclose": False, "close": False}
+    same = {"max_abs_err": 0.0, "max_rel_err": 0.0, "allclose": True, "close": True}
+    assert parity.compare(expected, expected, atol=0.0, rtol=0.0) == same
     assert parity.errors(torch.tensor([1.0, math.nan]), torch.tensor([1.0, 3.0]), 1e-5) == (math.inf, math.inf)
 
 
@@ -73,3 +74,18 @@ def test_chunked_comparison_matches_one_pass(monkeypatch, seed):
     close[-1] = close[-1] + 1.0 if torch.isfinite(close[-1]) else 1.0
     entry = parity.compare(close, expected, atol, rtol)
     assert entry["allclose"] is False and entry == {**entry, "allclose": torch.allclose(close, expected, rtol, atol, equal_nan=True)}
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_close_is_judged_against_the_tensors_scale(monkeypatch, small):
+    """`close` (the verdict): max error <= atol + rtol * max |expected|. Rounding of a long sum near one
+    small element passes it though allclose fails; a fault of the terms' size does not."""
+    if not small:
+        monkeypatch.setattr(parity, "SMALL_ELEMENTS", 0)
+    expected = torch.tensor([100.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    rounding = parity.compare(expected + torch.tensor([0.0, 2e-4, 0.0, 0.0], dtype=torch.float64), expected, atol=1e-5, rtol=1e-4)
+    assert rounding["allclose"] is False and rounding["close"] is True
+    fault = parity.compare(expected + torch.tensor([0.0, 0.5, 0.0, 0.0], dtype=torch.float64), expected, atol=1e-5, rtol=1e-4)
+    assert fault["allclose"] is False and fault["close"] is False
+    one_sided = parity.compare(torch.tensor([100.0, 1.0, 5.0, math.nan], dtype=torch.float64), expected, atol=1e-5, rtol=1e-4)
+    assert one_sided["close"] is False, "an infinity on one side only is never close"
