@@ -11,7 +11,7 @@ import torch
 
 from kernels import compiled
 from kernels import padding as padding_modes
-from kernels.base import ConvAlgorithm, get
+from kernels.base import ConvAlgorithm, UnsupportedProblem, get
 from kernels.limits import get_limits
 from kernels.memo import BoundedMemo
 from kernels.params import ConvSpec, IntPair, PaddingArg, call_key, normalize
@@ -79,13 +79,65 @@ def _in_format(tensor: torch.Tensor, memory_format: torch.memory_format) -> torc
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """conv2d with our own forward and backward; dispatches the math to a ConvAlgorithm."""
+    """conv2d with our own forward and backward; dispatches the math to a ConvAlgorithm.
+
+    Written in the form torch.func needs (forward without ctx, `setup_context`), with forward-mode AD
+    (`jvp`: conv is linear in each operand) and a `vmap` rule that folds the vmapped dimension into the
+    batch (or, for vmapped weights, into the channels as groups). Under vmap over gradients (jacrev,
+    per-sample gradients) functorch runs `backward` on batched tensors: the algorithms built from
+    out-of-place ops take that; depthwise's in-place accumulation raises (tests/kernels/test_module.py)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
-        ctx.save_for_backward(input, weight)
-        ctx.conv = (spec, padding_mode, algorithm, memory_format)
+    def forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
         return _forward(input, weight, bias, spec, padding_mode, algorithm, memory_format)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, spec, padding_mode, algorithm, memory_format = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
+        ctx.conv = (spec, padding_mode, algorithm, memory_format)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
+        """d conv(x, w, b) = conv(dx, w) + conv(x, dw) + db; through `apply`, so vmap (jacfwd) can fold it too."""
+        input, weight = ctx.saved_tensors
+        spec, padding_mode, algorithm, memory_format = ctx.conv
+        arguments = (spec, padding_mode, algorithm, memory_format)
+        tangent = None
+        if input_tangent is not None:
+            tangent = Conv2dFunction.apply(input_tangent, weight, None, *arguments)
+        if weight_tangent is not None:
+            term = Conv2dFunction.apply(input, weight_tangent, None, *arguments)
+            tangent = term if tangent is None else tangent + term
+        if bias_tangent is not None:
+            term = bias_tangent.view(1, -1, 1, 1)
+            tangent = (
+                term.expand(_output_shape(input, weight, spec)).contiguous(memory_format=memory_format)
+                if tangent is None
+                else tangent + term
+            )
+        return tangent
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
+        """One conv for the whole vmapped batch: (V, N, C, H, W) inputs as (V*N, C, H, W); vmapped weights
+        (V, O, C/g, kH, kW) as one conv of V*g groups over (N, V*C, H, W)."""
+        input_dim, weight_dim, bias_dim = in_dims[:3]
+        size = info.batch_size
+        if weight_dim is None and bias_dim is None:
+            folded = input.movedim(input_dim, 0).flatten(0, 1)
+            output = _apply_spec(folded, weight, bias, spec, padding_mode, algorithm)
+            return output.unflatten(0, (size, -1)), 0
+        inputs = input.movedim(input_dim, 0) if input_dim is not None else input.expand(size, *input.shape)
+        weights = weight.movedim(weight_dim, 0) if weight_dim is not None else weight.expand(size, *weight.shape)
+        if bias is not None:
+            bias = (bias.movedim(bias_dim, 0) if bias_dim is not None else bias.expand(size, *bias.shape)).flatten()
+        batch, channels = inputs.shape[1], inputs.shape[2]
+        grouped = inputs.movedim(0, 1).reshape(batch, size * channels, *inputs.shape[3:])
+        grouped_spec = ConvSpec(spec.stride, spec.padding, spec.dilation, spec.groups * size)
+        output = _apply_spec(grouped, weights.flatten(0, 1), bias, grouped_spec, padding_mode, algorithm)
+        return output.unflatten(1, (size, -1)).movedim(1, 0), 0
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -104,6 +156,21 @@ class Conv2dFunction(torch.autograd.Function):
             grad_input = _in_format(grad_input, memory_format)
         grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _output_shape(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> tuple[int, int, int, int]:
+    height, width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
+    return (input.shape[0], weight.shape[0], height, width)
+
+
+def _apply_spec(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm) -> torch.Tensor:
+    """The conv of a checked spec on new operands (the vmap rule's folded ones): the same algorithm where it
+    accepts them, else what "auto" picks; through Conv2dFunction.apply so autograd and functorch see it."""
+    try:
+        chosen = resolve(algorithm.name, input, weight, spec)
+    except UnsupportedProblem:  # WorkTooLarge included: the folded problem is bigger
+        chosen = resolve("auto", input, weight, spec)
+    return Conv2dFunction.apply(input, weight, bias, spec, padding_mode, chosen, _output_format(input, weight, padding_mode))
 
 
 def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format) -> torch.Tensor:
@@ -173,7 +240,7 @@ def conv2d(
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'bias' must be Tensor or None, not {type(bias).__name__}")
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):  # torch refuses the question for "meta"
         # As nn.Conv2d under autocast: run in the autocast dtype (float64 stays), with autocast off inside
         # so our own matmuls are not cast again.
         dtype = torch.get_autocast_dtype(device_type)
@@ -182,6 +249,10 @@ def conv2d(
             return conv2d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     unbatched = input.dim() == 3
     batched = input.unsqueeze(0) if unbatched else input
+    if batched.device.type == "meta":  # shapes only (deferred initialisation, shape inference): nothing to compute
+        spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
+        output = torch.empty(_output_shape(batched, weight, spec), dtype=input.dtype, device="meta")  # NCHW, as torch's meta conv
+        return output.squeeze(0) if unbatched else output
     spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):

@@ -152,3 +152,64 @@ def test_autocast_runs_the_conv_in_its_dtype_as_nn_conv2d_does(with_grad: bool):
         assert (weight_grad - expected_grad).abs().max() <= atol + rtol * expected_grad.abs().max()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast, as autocast leaves it
         assert ours.double()(input.double()).dtype == torch.float64
+
+
+def _func_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return tuple(torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((2, 3, 6, 6), (4, 3, 3, 3), (4,)))
+
+
+FUNC_TRANSFORMS = {
+    "grad": lambda conv, x, w, b: torch.func.grad(lambda x, w, b: conv(x, w, b).square().sum(), argnums=(0, 1, 2))(x, w, b),
+    "jvp": lambda conv, x, w, b: torch.func.jvp(conv, (x, w, b), (torch.ones_like(x), w.flip(0), b + 1)),
+    "vmap_input": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(0, None, None))(torch.stack([x, 2 * x, -x]), w, b),
+    "vmap_weight": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(None, 0, 0))(x, torch.stack([w, w.flip(1)]), torch.stack([b, -b])),
+    "vmap_both": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(0, 0, None))(torch.stack([x, x + 1]), torch.stack([w, 2 * w]), b),
+    "jacfwd": lambda conv, x, w, b: torch.func.jacfwd(lambda w: conv(x[:1, :, :4, :4], w, b).sum(dim=(0, 2, 3)))(w),
+    "jacrev": lambda conv, x, w, b: torch.func.jacrev(lambda w: conv(x[:1, :, :4, :4], w, b).sum(dim=(0, 2, 3)))(w),
+    "per_sample_grad": lambda conv, x, w, b: torch.func.vmap(
+        torch.func.grad(lambda x, w: conv(x.unsqueeze(0), w, b).square().sum(), argnums=1), in_dims=(0, None)
+    )(x, w),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+@pytest.mark.parametrize("transform", list(FUNC_TRANSFORMS))
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_torch_func_transforms_give_nn_conv2ds_numbers(transform: str, padding_mode: str):
+    """torch.func (grad, jvp, vmap over inputs and over weights, jacfwd, jacrev, per-sample gradients):
+    the same numbers as through nn.Conv2d's own conv, in float64."""
+    x, w, b = _func_problem()
+    ours = kernels.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode).double()
+    theirs = nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode).double()
+
+    def through(module):
+        return lambda x, w, b: torch.func.functional_call(module, {"weight": w, "bias": b}, (x,))
+
+    actual, expected = FUNC_TRANSFORMS[transform](through(ours), x, w, b), FUNC_TRANSFORMS[transform](through(theirs), x, w, b)
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def test_forward_mode_ad_with_dual_tensors():
+    import torch.autograd.forward_ad as forward_ad
+
+    x, w, b = _func_problem()
+    with forward_ad.dual_level():
+        dual_x = forward_ad.make_dual(x, x.flip(-1))
+        dual_w = forward_ad.make_dual(w.clone().requires_grad_(), torch.ones_like(w))
+        actual = forward_ad.unpack_dual(kernels.conv2d(dual_x, dual_w, b, stride=2, padding=1)).tangent
+        expected = forward_ad.unpack_dual(torch.nn.functional.conv2d(dual_x, dual_w, b, stride=2, padding=1)).tangent
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def test_meta_tensors_give_nn_conv2ds_shapes_and_its_errors():
+    """On the meta device (deferred initialisation, shape inference) only shapes exist: the same as nn.Conv2d's."""
+    ours = kernels.Conv2d(3, 4, (3, 2), stride=2, padding="valid", dilation=(1, 2), device="meta")
+    theirs = nn.Conv2d(3, 4, (3, 2), stride=2, padding="valid", dilation=(1, 2), device="meta")
+    for input in (torch.empty(2, 3, 9, 8, device="meta"), torch.empty(3, 9, 8, device="meta")):
+        output, expected = ours(input), theirs(input)
+        assert output.device.type == "meta" and output.shape == expected.shape and output.dtype == expected.dtype
+    with pytest.raises(RuntimeError, match="expected input"):
+        ours(torch.empty(2, 5, 9, 8, device="meta"))
