@@ -167,6 +167,10 @@ FUNC_TRANSFORMS = {
     "vmap_both": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(0, 0, None))(torch.stack([x, x + 1]), torch.stack([w, 2 * w]), b),
     "jacfwd": lambda conv, x, w, b: torch.func.jacfwd(lambda w: conv(x[:1, :, :4, :4], w, b).sum(dim=(0, 2, 3)))(w),
     "jacrev": lambda conv, x, w, b: torch.func.jacrev(lambda w: conv(x[:1, :, :4, :4], w, b).sum(dim=(0, 2, 3)))(w),
+    # Through the Function's vmap rule: vmapped weights become groups, vmapped inputs the batch.
+    "ensemble_grad": lambda conv, x, w, b: torch.func.vmap(
+        torch.func.grad(lambda w, b: conv(x, w, b).square().sum(), argnums=(0, 1)), in_dims=(0, 0)
+    )(torch.stack([w, w.flip(1), -w]), torch.stack([b, -b, b])),
     "per_sample_grad": lambda conv, x, w, b: torch.func.vmap(
         torch.func.grad(lambda x, w: conv(x.unsqueeze(0), w, b).square().sum(), argnums=1), in_dims=(0, None)
     )(x, w),
