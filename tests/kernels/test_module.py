@@ -195,15 +195,20 @@ def test_torch_func_transforms_give_nn_conv2ds_numbers(transform: str, padding_m
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # forward AD's own
 def test_forward_mode_ad_with_dual_tensors():
     import torch.autograd.forward_ad as forward_ad
 
     x, w, b = _func_problem()
     with forward_ad.dual_level():
         dual_x = forward_ad.make_dual(x, x.flip(-1))
+        # Tensors that require grad take the autograd Function, whose jvp then gives every tangent's term.
         dual_w = forward_ad.make_dual(w.clone().requires_grad_(), torch.ones_like(w))
-        actual = forward_ad.unpack_dual(kernels.conv2d(dual_x, dual_w, b, stride=2, padding=1)).tangent
-        expected = forward_ad.unpack_dual(torch.nn.functional.conv2d(dual_x, dual_w, b, stride=2, padding=1)).tangent
+        dual_b = forward_ad.make_dual(b.clone().requires_grad_(), b.flip(0))
+        actual = forward_ad.unpack_dual(kernels.conv2d(dual_x, dual_w, dual_b, stride=2, padding=1)).tangent
+        expected = forward_ad.unpack_dual(torch.nn.functional.conv2d(dual_x, dual_w, dual_b, stride=2, padding=1)).tangent
+        only_bias = forward_ad.unpack_dual(kernels.conv2d(x, w, dual_b, stride=2, padding=1)).tangent
+    torch.testing.assert_close(only_bias, b.flip(0).view(1, -1, 1, 1).expand_as(actual), atol=0, rtol=0)
     atol, rtol = tolerance(torch.float64)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
