@@ -78,6 +78,50 @@ def _in_format(tensor: torch.Tensor, memory_format: torch.memory_format) -> torc
     return tensor.contiguous(memory_format=memory_format)
 
 
+def _save(ctx, inputs: tuple) -> None:
+    input, weight, bias, spec, padding_mode, algorithm, memory_format = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.save_for_forward(input, weight)
+    ctx.conv = (spec, padding_mode, algorithm, memory_format)
+
+
+def _backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    spec, padding_mode, algorithm, memory_format = ctx.conv
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+    if torch.is_grad_enabled() and not algorithm.support().double_backward:
+        # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits.
+        algorithm = get("im2col")
+        algorithm.accept(padded, weight, run_spec)
+    grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
+    if grad_input is not None:
+        if padded is not input:
+            grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
+        grad_input = _in_format(grad_input, memory_format)
+    grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
+    """d conv(x, w, b) = conv(dx, w) + conv(x, dw) + db; through `_apply`, so vmap (jacfwd) can fold it too."""
+    input, weight = ctx.saved_tensors
+    spec, padding_mode, algorithm, memory_format = ctx.conv
+    arguments = (spec, padding_mode, algorithm, memory_format)
+    tangent = None
+    if input_tangent is not None:
+        tangent = _apply(input_tangent, weight, None, *arguments)
+    if weight_tangent is not None:
+        term = _apply(input, weight_tangent, None, *arguments)
+        tangent = term if tangent is None else tangent + term
+    if bias_tangent is not None:
+        term = bias_tangent.view(1, -1, 1, 1)
+        tangent = (
+            term.expand(_output_shape(input, weight, spec)).contiguous(memory_format=memory_format) if tangent is None else tangent + term
+        )
+    return tangent
+
+
 class Conv2dFunction(torch.autograd.Function):
     """conv2d with our own forward and backward; dispatches the math to a ConvAlgorithm.
 
@@ -85,7 +129,8 @@ class Conv2dFunction(torch.autograd.Function):
     (`jvp`: conv is linear in each operand) and a `vmap` rule that folds the vmapped dimension into the
     batch (or, for vmapped weights, into the channels as groups). Under vmap over gradients (jacrev,
     per-sample gradients) functorch runs `backward` on batched tensors: the algorithms built from
-    out-of-place ops take that; depthwise's in-place accumulation raises (tests/kernels/test_module.py)."""
+    out-of-place ops take that; depthwise's in-place accumulation raises (tests/kernels/test_module.py).
+    Outside torch.func transforms `_apply` takes `_EagerConv2dFunction`, the same Function in the classic form."""
 
     @staticmethod
     def forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
@@ -93,31 +138,10 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, spec, padding_mode, algorithm, memory_format = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.save_for_forward(input, weight)
-        ctx.conv = (spec, padding_mode, algorithm, memory_format)
+        _save(ctx, inputs)
 
-    @staticmethod
-    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
-        """d conv(x, w, b) = conv(dx, w) + conv(x, dw) + db; through `apply`, so vmap (jacfwd) can fold it too."""
-        input, weight = ctx.saved_tensors
-        spec, padding_mode, algorithm, memory_format = ctx.conv
-        arguments = (spec, padding_mode, algorithm, memory_format)
-        tangent = None
-        if input_tangent is not None:
-            tangent = Conv2dFunction.apply(input_tangent, weight, None, *arguments)
-        if weight_tangent is not None:
-            term = Conv2dFunction.apply(input, weight_tangent, None, *arguments)
-            tangent = term if tangent is None else tangent + term
-        if bias_tangent is not None:
-            term = bias_tangent.view(1, -1, 1, 1)
-            tangent = (
-                term.expand(_output_shape(input, weight, spec)).contiguous(memory_format=memory_format)
-                if tangent is None
-                else tangent + term
-            )
-        return tangent
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
@@ -139,23 +163,30 @@ class Conv2dFunction(torch.autograd.Function):
         output = _apply_spec(grouped, weights.flatten(0, 1), bias, grouped_spec, padding_mode, algorithm)
         return output.unflatten(1, (size, -1)).movedim(1, 0), 0
 
+
+class _EagerConv2dFunction(torch.autograd.Function):
+    """Conv2dFunction in the classic form (forward takes ctx). torch's Function.apply binds the arguments
+    with inspect.signature on every call for the setup_context form, ~40 us here (a seed-sized forward +
+    backward is ~350), which only torch.func's transforms need."""
+
     @staticmethod
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        spec, padding_mode, algorithm, memory_format = ctx.conv
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
-        if torch.is_grad_enabled() and not algorithm.support().double_backward:
-            # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits.
-            algorithm = get("im2col")
-            algorithm.accept(padded, weight, run_spec)
-        grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
-        if grad_input is not None:
-            if padded is not input:
-                grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
-            grad_input = _in_format(grad_input, memory_format)
-        grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+    def forward(ctx, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
+        _save(ctx, (input, weight, bias, spec, padding_mode, algorithm, memory_format))
+        return _forward(input, weight, bias, spec, padding_mode, algorithm, memory_format)
+
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
+
+
+# The test torch's own Function.apply makes (private; where a torch lacks it, every call takes the torch.func form).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _apply(*arguments) -> torch.Tensor:
+    """Conv2dFunction.apply, in the classic form when no torch.func transform is active."""
+    if _functorch_active is None or _functorch_active():
+        return Conv2dFunction.apply(*arguments)
+    return _EagerConv2dFunction.apply(*arguments)
 
 
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> tuple[int, int, int, int]:
@@ -170,7 +201,7 @@ def _apply_spec(input, weight, bias, spec: ConvSpec, padding_mode: str, algorith
         chosen = resolve(algorithm.name, input, weight, spec)
     except UnsupportedProblem:  # WorkTooLarge included: the folded problem is bigger
         chosen = resolve("auto", input, weight, spec)
-    return Conv2dFunction.apply(input, weight, bias, spec, padding_mode, chosen, _output_format(input, weight, padding_mode))
+    return _apply(input, weight, bias, spec, padding_mode, chosen, _output_format(input, weight, padding_mode))
 
 
 def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format) -> torch.Tensor:
@@ -256,7 +287,7 @@ def conv2d(
     spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        output = Conv2dFunction.apply(*arguments)
+        output = _apply(*arguments)
     else:  # nothing to differentiate: skip the autograd node (~30 us, most of a tiny conv's time)
         output = _forward(*arguments)
     return output.squeeze(0) if unbatched else output
