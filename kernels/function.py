@@ -85,13 +85,21 @@ def _save(ctx, inputs: tuple) -> None:
     ctx.conv = (spec, padding_mode, algorithm, memory_format)
 
 
+# Algorithms whose backward runs on functorch's batched tensors (vmap over grad: jacrev, per-sample
+# gradients), each checked against F.conv2d; depthwise accumulates in place into a buffer vmap cannot
+# batch ("vmap: inplace arithmetic ... is not possible"), and triton's kernels take raw pointers.
+_BATCHABLE_BACKWARD = frozenset({"im2col", "unfold", "shifted_gemm", "winograd", "pointwise"})
+
+
 def _backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     spec, padding_mode, algorithm, memory_format = ctx.conv
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
-    if torch.is_grad_enabled() and not algorithm.support().double_backward:
-        # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits.
+    # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits; under
+    # torch.func, one whose backward takes batched tensors (vmap over grad).
+    double = torch.is_grad_enabled() and not algorithm.support().double_backward
+    if double or (algorithm.name not in _BATCHABLE_BACKWARD and _functorch_active is not None and _functorch_active()):
         algorithm = get("im2col")
         algorithm.accept(padded, weight, run_spec)
     grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
@@ -128,8 +136,8 @@ class Conv2dFunction(torch.autograd.Function):
     Written in the form torch.func needs (forward without ctx, `setup_context`), with forward-mode AD
     (`jvp`: conv is linear in each operand) and a `vmap` rule that folds the vmapped dimension into the
     batch (or, for vmapped weights, into the channels as groups). Under vmap over gradients (jacrev,
-    per-sample gradients) functorch runs `backward` on batched tensors: the algorithms built from
-    out-of-place ops take that; depthwise's in-place accumulation raises (tests/kernels/test_module.py).
+    per-sample gradients) functorch runs `backward` on batched tensors, which only some algorithms'
+    backward takes (`_BATCHABLE_BACKWARD`); the others hand it to im2col there.
     Outside torch.func transforms `_apply` takes `_EagerConv2dFunction`, the same Function in the classic form."""
 
     @staticmethod

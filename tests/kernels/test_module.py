@@ -222,3 +222,24 @@ def test_meta_tensors_give_nn_conv2ds_shapes_and_its_errors():
         assert output.device.type == "meta" and output.shape == expected.shape and output.dtype == expected.dtype
     with pytest.raises(RuntimeError, match="expected input"):
         ours(torch.empty(2, 5, 9, 8, device="meta"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # functorch's slow-path notes for in-place ops under vmap
+def test_per_sample_gradients_through_an_algorithm_whose_backward_vmap_cannot_batch():
+    """depthwise's backward accumulates in place, which vmap refuses: under torch.func it hands over to im2col."""
+    generator = torch.Generator().manual_seed(6)
+    x, w = (
+        torch.randn(3, 8, 7, 7, generator=generator, dtype=torch.float64),
+        torch.randn(8, 1, 3, 3, generator=generator, dtype=torch.float64),
+    )
+
+    def per_sample(conv):
+        return torch.func.vmap(torch.func.grad(lambda x, w: conv(x.unsqueeze(0), w).square().sum(), argnums=(0, 1)), in_dims=(0, None))(
+            x, w
+        )
+
+    actual = per_sample(lambda x, w: kernels.conv2d(x, w, None, 1, 1, 1, 8, algorithm="depthwise"))
+    expected = per_sample(lambda x, w: torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 8))
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
