@@ -22,36 +22,59 @@ from app.client.errors import ClientError
 _TENSORS = ("output", "grad_input", "grad_weight", "grad_bias")
 
 
-def load(path: str) -> Any:
-    if path.endswith(".npy"):
-        return np.load(path)
-    import torch
+class InputError(Exception):
+    """A local file the CLI cannot read or write: exit status 2, like a server error, never 1 (parity)."""
 
-    value = torch.load(path, map_location="cpu", weights_only=True)
+
+# What --out may end with, per command: forward writes the output, backward a dict of gradients.
+OUT_SUFFIXES = {"forward": (".pt", ".npy"), "backward": (".pt", ".npz")}
+
+
+def load(path: str) -> Any:
+    try:
+        if path.endswith(".npy"):
+            return np.load(path)
+        import torch
+
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, unreadable, not an array or tensor file: whatever numpy or torch raise
+        raise InputError(f"{path}: {error}") from None
     if not isinstance(value, torch.Tensor):
-        raise SystemExit(f"{path}: expected a tensor saved with torch.save, got {type(value).__name__}")
+        raise InputError(f"{path}: expected a tensor saved with torch.save, got {type(value).__name__}")
     return value
 
 
 def save(path: str, result: ForwardResult | BackwardResult) -> None:
     tensors = {name: getattr(result, name) for name in _TENSORS if getattr(result, name, None) is not None}
-    if path.endswith((".npy", ".npz")):
-        arrays = {name: _numpy(value) for name, value in tensors.items()}
+    try:
         if path.endswith(".npy"):
-            np.save(path, arrays["output"] if isinstance(result, ForwardResult) else arrays["grad_input"])
+            np.save(path, _numpy(tensors["output"]))
+        elif path.endswith(".npz"):
+            np.savez(path, **{name: _numpy(value) for name, value in tensors.items()})
         else:
-            np.savez(path, **arrays)
-        return
-    import torch
+            import torch
 
-    to_torch = {name: value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)) for name, value in tensors.items()}
-    torch.save(to_torch["output"] if isinstance(result, ForwardResult) else to_torch, path)
+            to_torch = {name: _torch(value) for name, value in tensors.items()}
+            torch.save(to_torch["output"] if isinstance(result, ForwardResult) else to_torch, path)
+    except (OSError, RuntimeError) as error:  # torch.save says RuntimeError for a missing directory
+        raise InputError(f"{path}: {error}") from None
 
 
 def _numpy(value: Any) -> np.ndarray:
+    """A numeric numpy array: bfloat16 (numpy has none; ml_dtypes' is stored as raw 2-byte records) as float32, exactly."""
     if isinstance(value, np.ndarray):
+        return value.astype(np.float32) if value.dtype.name == "bfloat16" else value
+    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+
+
+def _torch(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
         return value
-    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()  # numpy has no bfloat16
+    if value.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, from numpy inputs: torch.from_numpy refuses it
+        return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.asarray(value))
 
 
 def pair(text: str) -> int | list[int] | str:
@@ -77,6 +100,12 @@ def parity_table(result: ForwardResult | BackwardResult) -> str:
         lines.append(f"{name:<12} {errors}  {'yes' if entry['allclose'] else 'no':<8}  {'yes' if close else 'NO'}")
     verdict = "ok" if parity["ok"] else "NOT ok"
     lines.append(f"parity {verdict} against {parity['reference']} (atol {parity['atol']:g}, rtol {parity['rtol']:g})")
+    exact = parity.get("exact")
+    if exact:
+        lines.append(f"against {exact['reference']}:")
+        lines.append(f"{'tensor':<12} {'ours max_abs':>12} {'torch max_abs':>13}")
+        for name, sides in exact["tensors"].items():
+            lines.append(f"{name:<12} {_number(sides['ours']['max_abs_err']):>12} {_number(sides['torch']['max_abs_err']):>13}")
     return "\n".join(lines)
 
 
@@ -111,7 +140,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args = command_line.parse_args(argv)
+    if args.out and not args.out.endswith(OUT_SUFFIXES[args.command]):
+        command_line.error(f"--out for {args.command} must end with {' or '.join(OUT_SUFFIXES[args.command])}, got {args.out!r}")
+    try:
+        return _run(args)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     options = {
         key: getattr(args, key)
         for key in ("stride", "padding", "dilation", "groups", "padding_mode", "algorithm", "dtype", "loss")

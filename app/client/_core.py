@@ -39,7 +39,6 @@ except ImportError:
 ENCODINGS = ("base64", "flat", "list")
 _NUMPY_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 _NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
-_PAIR_OPTIONS = ("stride", "padding", "dilation")
 # The connection closed (RemoteProtocolError) or was reset (ReadError, WriteError) before a whole response.
 CUT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -156,8 +155,15 @@ def decode_tensor(value: Any, as_torch: bool, list_dtype: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(array)) if as_torch else array
 
 
+def _plain(value: Any) -> Any:
+    """JSON-able option values: tuples as lists, numpy scalars (np.int64(2) from a config) as Python numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _options(conv_params: dict[str, Any]) -> dict[str, Any]:
-    return {key: list(value) if key in _PAIR_OPTIONS and isinstance(value, tuple) else value for key, value in conv_params.items()}
+    return {key: _plain(value) for key, value in conv_params.items()}
 
 
 def build_body(input: Any, weight: Any, bias: Any, encoding: str, conv_params: dict[str, Any], grad_output: Any = None) -> dict[str, Any]:
@@ -184,10 +190,21 @@ def raise_for_status(response: httpx.Response) -> None:
     if response.status_code == 200:
         return
     try:
-        detail = response.json().get("detail", response.text)
+        payload = response.json()
     except ValueError:
-        detail = response.text
+        payload = None
+    detail = payload.get("detail", response.text) if isinstance(payload, dict) else response.text
     raise error_for(response.status_code, detail, _retry_after(response))
+
+
+def _json(response: httpx.Response) -> Any:
+    """A 200's JSON body; an answer that is not JSON (a proxy's HTML page, say) is a ServerError, not a decode error."""
+    try:
+        return response.json()
+    except ValueError:
+        raise error_for(
+            502 if response.status_code == 200 else response.status_code, f"the answer is not JSON: {response.text[:200]!r}"
+        ) from None
 
 
 def _result(payload: dict, backward: bool, as_torch: bool) -> ForwardResult | BackwardResult:
@@ -293,12 +310,12 @@ class Client(_Base):
         """input (N, C_in, H, W) or (C_in, H, W), weight (C_out, C_in/groups, kH, kW), bias (C_out,);
         conv_params: stride, padding, dilation, groups, padding_mode, algorithm, dtype, exact, ... (see /docs)."""
         path, content, as_torch = self._request(False, input, weight, bias, None, conv_params)
-        return _result(self._post(path, content).json(), False, as_torch)
+        return _result(_json(self._post(path, content)), False, as_torch)
 
     def backward(self, input: Any, weight: Any, bias: Any = None, grad_output: Any = None, **conv_params: Any) -> BackwardResult:
         """Gradients w.r.t. input, weight and bias of <output, grad_output> (or of the `loss` parameter)."""
         path, content, as_torch = self._request(True, input, weight, bias, grad_output, conv_params)
-        return _result(self._post(path, content).json(), True, as_torch)
+        return _result(_json(self._post(path, content)), True, as_torch)
 
     def info(self) -> dict:
         response = self._http.get("/info")
@@ -337,11 +354,11 @@ class AsyncClient(_Base):
 
     async def forward(self, input: Any, weight: Any, bias: Any = None, **conv_params: Any) -> ForwardResult:
         path, content, as_torch = self._request(False, input, weight, bias, None, conv_params)
-        return _result((await self._post(path, content)).json(), False, as_torch)
+        return _result(_json(await self._post(path, content)), False, as_torch)
 
     async def backward(self, input: Any, weight: Any, bias: Any = None, grad_output: Any = None, **conv_params: Any) -> BackwardResult:
         path, content, as_torch = self._request(True, input, weight, bias, grad_output, conv_params)
-        return _result((await self._post(path, content)).json(), True, as_torch)
+        return _result(_json(await self._post(path, content)), True, as_torch)
 
     async def info(self) -> dict:
         response = await self._http.get("/info")

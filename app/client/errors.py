@@ -71,6 +71,7 @@ _BY_STATUS: dict[int, type[ClientError]] = {
     for cls in (
         BadRequest,
         Unauthorized,
+        RequestTimeout,
         PayloadTooLarge,
         UnsupportedMediaType,
         UnprocessableEntity,

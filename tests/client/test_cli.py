@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,36 @@ def test_client_imports_nothing_of_the_server() -> None:
     code = "import sys, app.client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'pydantic', 'orjson', 'kernels', 'starlette') or m in ('app.main', 'app.service', 'app.codec')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_local_file_errors_exit_2_not_1(open_server, tmp_path, capsys) -> None:
+    """Exit 1 means "parity not ok": a missing or unreadable file, a non-tensor .pt, an unwritable or
+    unknown --out are errors (2), with a message and no traceback."""
+    _files(tmp_path)
+    torch.save({"not": "a tensor"}, tmp_path / "dict.pt")
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    base = ["forward", "--url", open_server.url, "--weight", str(tmp_path / "w.npy")]
+    for name in ("missing.pt", "dict.pt", "bad.npy"):
+        assert main([*base, "--input", str(tmp_path / name)]) == 2
+        assert name in capsys.readouterr().err
+    assert main([*base, "--input", str(tmp_path / "x.pt"), "--out", str(tmp_path / "no" / "dir" / "y.pt")]) == 2
+    assert "y.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as unknown:
+        main([*base, "--input", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.txt")])
+    assert unknown.value.code == 2 and "--out for forward must end with .pt or .npy" in capsys.readouterr().err
+
+
+def test_bfloat16_numpy_results_are_written_as_numbers_and_exact_is_printed(open_server, tmp_path, capsys) -> None:
+    """bfloat16 results of .npy inputs (ml_dtypes arrays): .pt gets a bfloat16 tensor, .npy float32 values
+    (exact), not raw 2-byte records; --exact prints the float64 comparison."""
+    x, w, _ = _files(tmp_path, 3)
+    np.save(tmp_path / "x.npy", x.numpy())
+    base = ["forward", "--url", open_server.url, "--input", str(tmp_path / "x.npy"), "--weight", str(tmp_path / "w.npy")]
+    assert main([*base, "--dtype", "bfloat16", "--out", str(tmp_path / "y.pt"), "--exact"]) == 0
+    assert "torch max_abs" in capsys.readouterr().out
+    assert main([*base, "--dtype", "bfloat16", "--out", str(tmp_path / "y.npy")]) == 0
+    as_torch, as_numpy = torch.load(tmp_path / "y.pt"), np.load(tmp_path / "y.npy")
+    assert as_torch.dtype == torch.bfloat16 and as_numpy.dtype == np.float32
+    expected = F.conv2d(x.bfloat16().double(), w.bfloat16().double())
+    torch.testing.assert_close(as_torch.double(), expected, atol=0.1, rtol=0.05)
+    np.testing.assert_array_equal(as_numpy, as_torch.float().numpy())

@@ -99,3 +99,31 @@ def test_typed_errors_carry_the_detail(open_server, strict_server) -> None:
         with pytest.raises(PayloadTooLarge) as too_large:
             client.forward(torch.zeros(1, 3, 128, 128), w)
     assert too_large.value.status == 413 and f"{MAX_BODY_BYTES:,}" in too_large.value.detail
+
+
+def test_every_documented_status_has_its_type_and_a_non_json_answer_is_a_server_error() -> None:
+    """408 is RequestTimeout (it fell through to ServerError); an HTML page from a proxy, with a 200 or as an
+    error, becomes a typed error instead of a decode error."""
+    import httpx
+
+    from app.client import errors
+    from app.client._core import _json, raise_for_status
+
+    documented = {400: "BadRequest", 401: "Unauthorized", 408: "RequestTimeout", 413: "PayloadTooLarge", 415: "UnsupportedMediaType"}
+    documented |= {422: "UnprocessableEntity", 503: "ServiceUnavailable", 504: "Timeout", 507: "OutOfDeviceMemory", 500: "ServerError"}
+    for status, name in documented.items():
+        assert type(errors.error_for(status, "x")).__name__ == name
+    html = httpx.Response(200, text="<html>proxy</html>", request=httpx.Request("POST", "http://x/forward"))
+    with pytest.raises(errors.ServerError, match="not JSON"):
+        _json(html)
+    listed = httpx.Response(502, json=[1, 2], request=httpx.Request("POST", "http://x/forward"))
+    with pytest.raises(errors.ServerError) as bad_gateway:
+        raise_for_status(listed)
+    assert bad_gateway.value.status == 502 and bad_gateway.value.detail == "[1,2]"
+
+
+def test_numpy_scalar_options_are_sent_as_numbers(open_server) -> None:
+    x, w, b = _problem(7)
+    with Client(open_server.url) as client:
+        result = client.forward(x, w, b, stride=np.int64(2), padding=(np.int32(1), 2), groups=np.int64(1))
+    torch.testing.assert_close(result.output, F.conv2d(x, w, b, stride=2, padding=(1, 2)), atol=1e-5, rtol=1e-4)
