@@ -7,6 +7,7 @@ import os
 import uvicorn
 
 from app.config import get_settings
+from app.http import BoundedHttpToolsProtocol
 
 
 def main() -> None:
@@ -22,6 +23,7 @@ def main() -> None:
         access_log=settings.log_level in ("debug", "trace"),
         workers=settings.processes,
         timeout_keep_alive=settings.keep_alive_s,
+        http=BoundedHttpToolsProtocol,  # bounds on the request head's size and time (app/http.py)
     )
 
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
 
 from app.admission import Hold, MemoryBudget
 from app.config import Settings
 from app.errors import BodyTimeout, DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
 from app.metrics import Metrics
 from app.parsing import BodyParser
-from app.worker import DeviceWorker
+from app.worker import ClientGone, DeviceWorker
 
 
 async def get_settings_from_app(request: Request) -> Settings:
@@ -123,7 +124,7 @@ async def _read_capped(request: Request, max_body_bytes: int, binary_offset: int
         size += len(chunk)
         if size > max_body_bytes:
             raise TooLarge(f"the body exceeds the limit of {max_body_bytes:,} bytes (CONV_MAX_BODY_BYTES)")
-        if hold is not None and size > hold.body_bytes:  # a body without Content-Length
+        if hold is not None:  # held as it arrives (a declared length is only checked, app/admission.py)
             hold.body(size)
         chunks.append(chunk)
     # Writable, so binary tensors (V2's binary extension) can be views of it instead of copies. The
@@ -149,12 +150,19 @@ async def read_body(
     the declared length up front, the rest as it arrives; 503 + Retry-After when the server holds too much already."""
     declared = _check_headers(request, settings.max_body_bytes, json_only)
     if hold is not None and declared:
-        hold.body(declared)
+        hold.check_body(declared)
     body_deadline = time.monotonic() + settings.body_timeout_s
     try:
         async with asyncio.timeout(max(0.0, min(deadline, body_deadline) - time.monotonic())):
             return await _read_capped(request, settings.max_body_bytes, binary_offset, hold)
     except TimeoutError:
         if body_deadline <= deadline:
-            raise BodyTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s (CONV_BODY_TIMEOUT_S)") from None
+            # Connection: close makes uvicorn close the socket after the 408: a client still trickling bytes
+            # would otherwise keep the connection.
+            raise BodyTimeout(
+                f"the request body did not arrive within {settings.body_timeout_s:g} s (CONV_BODY_TIMEOUT_S)",
+                headers={"Connection": "close"},
+            ) from None
         raise DeadlineExceeded("the request body did not arrive within the request deadline") from None
+    except ClientDisconnect:  # gone mid-body: nothing to answer, and not a bug (it was a logged 500)
+        raise ClientGone() from None

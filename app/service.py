@@ -18,7 +18,7 @@ from app import compute
 from app.admission import Hold
 from app.codec import encode_tensor
 from app.config import Settings
-from app.deps import app_state, check_api_key, read_body
+from app.deps import app_state, check_api_key, decimal_int, read_body
 from app.problem import Problem
 from app.responses import Buffer, PartsResponse
 from app.worker import ClientGone, DeviceWorker
@@ -94,15 +94,32 @@ async def run_problem(
     return outcome
 
 
+# A body this big cannot be a problem small enough to run inline (CONV_INLINE_MACS), so it will queue.
+EARLY_QUEUE_CHECK_BYTES = 1 << 20
+
+
+def refuse_big_body_to_a_full_queue(request: Request, settings: Settings, workers: dict[str, DeviceWorker]) -> None:
+    """503 before a big body is read when its device's queue is already full: otherwise the refusal came
+    only after reading and decoding it (1-6 s into a burst of base64 bodies, each decode holding the GIL)."""
+    declared = decimal_int(request.headers.get("content-length"))
+    worker = workers.get(default_device(settings, workers))
+    if declared is not None and declared >= EARLY_QUEUE_CHECK_BYTES and worker is not None:
+        worker.check_room()
+
+
 async def serve_conv(request: Request, backward: bool) -> Response:
     arrived, arrived_monotonic = time.perf_counter(), time.monotonic()
     state = app_state(request)
     settings, workers, parser, metrics = state.settings, state.workers, state.parser, state.metrics
     check_api_key(request, settings)
     deadline = arrived_monotonic + settings.request_timeout_s
+    refuse_big_body_to_a_full_queue(request, settings, workers)
     # Held from before the body is read until the response is built (app/admission.py).
     with state.budget.hold() as hold:
-        body = await read_body(request, settings, deadline, hold=hold)
+        try:
+            body = await read_body(request, settings, deadline, hold=hold)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
         decode_start = time.perf_counter()
         problem = await parser.parse(body, backward, settings, list(workers), default_device(settings, workers))
         del body

@@ -113,12 +113,16 @@ class DeviceWorker:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, fn: DeviceFn, deadline: float) -> Job:
-        """Queue `fn`; 503 when the device is unusable or the queue is full."""
+    def check_room(self) -> None:
+        """503 when the device is unusable or its queue is full (what `submit` would answer)."""
         if not self.healthy:
             raise Unavailable(f"device {self.name} is unusable after a device error; the service needs a restart", self.retry_after_s)
         if self._waiting >= self.queue_size:
             raise Unavailable(f"the {self.name} queue is full ({self.queue_size} waiting); retry later", self.retry_after_s)
+
+    def submit(self, fn: DeviceFn, deadline: float) -> Job:
+        """Queue `fn`; 503 when the device is unusable or the queue is full."""
+        self.check_room()
         job = Job(fn, deadline, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
         self._waiting += 1

@@ -18,7 +18,7 @@ from app.metrics import Metrics
 from app.parsing import INLINE_MAX_BYTES
 from app.problem import Problem, parse_problem
 from app.responses import PartsResponse
-from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, run_problem
+from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, refuse_big_body_to_a_full_queue, run_problem
 from app.v2.models import Model
 from app.v2.protocol import HEADER_LENGTH, V2Request, check_shapes, decode_request, encode_response, split_body, text_elements
 from app.worker import ClientGone, DeviceWorker
@@ -45,9 +45,13 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     deadline = arrived_monotonic + settings.request_timeout_s
     header_length = request.headers.get(HEADER_LENGTH)
     binary_offset = _binary_offset(header_length)
+    refuse_big_body_to_a_full_queue(request, settings, workers)
     # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
     with request.app.state.budget.hold() as hold:  # app/admission.py
-        raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset, hold=hold)
+        try:
+            raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset, hold=hold)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
         decode_start = time.perf_counter()
         arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
         # Only the JSON part costs time to decode: binary tensors become views of the body.

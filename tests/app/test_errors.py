@@ -228,6 +228,26 @@ async def test_503_queue_full_with_retry_after() -> None:
     assert "queue is full" in response.json()["detail"]
 
 
+async def test_a_big_body_to_a_full_queue_is_refused_before_it_is_parsed() -> None:
+    """Past 1 MiB a body cannot hold an inline-sized problem: with its device's queue full it is answered 503
+    before it is read and decoded (in a burst, decoding first made the 503 take seconds)."""
+    async with running(queue_size=1, retry_after_s=3, inline_macs=0) as (app, client):
+        worker = app.state.workers["cpu"]
+        release = block(worker)
+        await until(lambda: worker.busy)
+        waiting = asyncio.create_task(client.post("/forward", json=FORWARD_EXAMPLE))
+        await until(lambda: worker.queue_depth == 1)
+        parses = []
+        parse = app.state.parser.parse
+        app.state.parser.parse = lambda *args: parses.append(args) or parse(*args)
+        big = {"input": [[[[0.5] * 512] * 512]], "weight": [[[[1.0]]]]}  # ~1.3 MB of JSON
+        response = await client.post("/forward", json=big)
+        release.set()
+        assert (await waiting).status_code == 200
+    assert response.status_code == 503 and response.headers["retry-after"] == "3" and "queue is full" in response.json()["detail"]
+    assert parses == []
+
+
 async def test_tiny_auto_problems_run_inline_past_a_busy_worker() -> None:
     """CONV_INLINE_MACS: a seed-sized "auto" request is answered while the device worker is occupied
     (it runs on the event loop); a named algorithm still queues."""

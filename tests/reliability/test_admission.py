@@ -64,3 +64,54 @@ async def test_a_flood_of_large_bodies_holds_bounded_memory(admission_server) ->
     assert growth < 800 * MiB, f"peak RSS grew {growth // MiB} MiB"
     assert "conv_inflight_bytes 0.0" in metrics
     assert_healthy(admission_server)
+
+
+async def _open(server: Server, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(route: str, length: int) -> bytes:
+    return f"POST {route} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n".encode()
+
+
+async def test_declared_lengths_alone_hold_nothing(admission_server) -> None:
+    """Connections that declare big bodies and send none hold no memory: a small request beside them is
+    served. Reserving declared lengths let 11 such connections refuse every request for 30 s."""
+    idle = [await _open(admission_server, _head("/forward", 15 * MiB)) for _ in range(3)]  # 3 x 3 x 15 MiB > 16 MiB
+    try:
+        async with httpx.AsyncClient(base_url=admission_server.url, timeout=30) as client:
+            await asyncio.sleep(0.3)
+            assert "conv_inflight_bytes 0.0" in (await client.get("/metrics")).text
+            small = await client.post("/forward", json={"input": [[[[1.0, 2.0], [3.0, 4.0]]]], "weight": [[[[1.0]]]]})
+        assert small.status_code == 200, small.text
+    finally:
+        for _, writer in idle:
+            writer.close()
+    assert_healthy(admission_server)
+
+
+async def test_a_client_gone_mid_body_is_not_a_500(admission_server) -> None:
+    """A client that closes halfway through its body is counted as 499 (client closed), not as a bug."""
+
+    def errors(metrics: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("conv_requests_total") and 'status="500"' in line
+        )
+
+    async with httpx.AsyncClient(base_url=admission_server.url, timeout=30) as client:
+        before = errors((await client.get("/metrics")).text)
+        for route in ("/forward", "/v2/models/conv2d/infer"):
+            _, writer = await _open(admission_server, _head(route, 1000) + b'{"input": [[[[1.0')
+            await asyncio.sleep(0.2)
+            writer.close()
+        await asyncio.sleep(0.5)
+        metrics = (await client.get("/metrics")).text
+    assert errors(metrics) == before, [line for line in metrics.splitlines() if 'status="500"' in line]
+    assert 'status="499"' in metrics
+    assert_healthy(admission_server)

@@ -167,7 +167,58 @@ async def test_slow_client_cannot_hold_the_server(faulty_server) -> None:
     writer.close()
     record("slow_client", cut_off_after_s=round(elapsed, 2), others_served_meanwhile=served)
     assert data.startswith(b"HTTP/1.1 408"), data[:300]
-    assert b"CONV_BODY_TIMEOUT_S" in data
+    assert b"CONV_BODY_TIMEOUT_S" in data and b"connection: close" in data.lower()
     assert elapsed < 8, f"the slow client held its connection for {elapsed:.1f} s"
     assert served >= 2
+    # The server closes the socket after the 408, though the client keeps trickling bytes (before, it kept it).
+    closed = False
+    for _ in range(20):
+        try:
+            writer.write(b" ")
+            await writer.drain()
+            closed = await asyncio.wait_for(reader.read(1), 0.25) == b""
+        except ConnectionError:
+            closed = True
+        except TimeoutError:
+            pass
+        if closed:
+            break
+    assert closed, "the connection stayed open after the 408"
+    assert_healthy(faulty_server)
+
+
+async def test_an_oversized_request_head_is_refused_before_it_is_parsed(main_server) -> None:
+    """app/http.py: a head over 64 KiB (one huge header, or thousands) gets 431 and a closed connection; a
+    60 KB one is served. Before, 10 MB headers were accepted, parsed on the event loop."""
+    from app.http import MAX_HEAD_BYTES
+
+    host, port = main_server.url.removeprefix("http://").split(":")
+    heads = {
+        "one huge header": b"x-big: " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n",
+        "many headers": b"".join(b"x-h%d: v\r\n" % index for index in range(MAX_HEAD_BYTES // 8)),
+        "60 KB header": b"x-big: " + b"a" * 60_000 + b"\r\n",
+    }
+    for name, headers in heads.items():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + headers + b"\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(read_response(reader), 10)
+        writer.close()
+        expected = b"HTTP/1.1 200" if name == "60 KB header" else b"HTTP/1.1 431"
+        assert answer.startswith(expected), (name, answer[:200])
+    assert_healthy(main_server)
+
+
+async def test_a_request_head_that_never_ends_is_cut_off(faulty_server) -> None:
+    """Half a head, then silence: closed at CONV_BODY_TIMEOUT_S (2 s here), as a slow body is. Before, such
+    connections stayed open until the client left, and enough of them exhausted the file limit."""
+    host, port = faulty_server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /forward HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
+    await writer.drain()
+    start = time.monotonic()
+    assert await asyncio.wait_for(reader.read(100), 15) == b""
+    elapsed = time.monotonic() - start
+    writer.close()
+    assert 1.5 < elapsed < 6, f"closed after {elapsed:.1f} s"
     assert_healthy(faulty_server)
