@@ -1,4 +1,5 @@
-"""The one autograd Function behind `kernels.conv2d`, and the functional entry point.
+"""The autograd Function behind `kernels.conv2d` (one backward and jvp, in torch.func's form and the
+classic one), and the functional entry point.
 
 Everything argument-shaped is handled here once: validation (kernels/params.py), unbatched input,
 non-zero padding modes (kernels/padding.py), the output memory format, and which gradients are
@@ -204,7 +205,7 @@ def _output_shape(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> 
 
 def _apply_spec(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm) -> torch.Tensor:
     """The conv of a checked spec on new operands (the vmap rule's folded ones): the same algorithm where it
-    accepts them, else what "auto" picks; through Conv2dFunction.apply so autograd and functorch see it."""
+    accepts them, else what "auto" picks; through `_apply`, so autograd and functorch see it."""
     try:
         chosen = resolve(algorithm.name, input, weight, spec)
     except UnsupportedProblem:  # WorkTooLarge included: the folded problem is bigger
