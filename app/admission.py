@@ -60,7 +60,6 @@ class Hold:
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self.nbytes = 0  # held in the budget
-        self.body_bytes = 0  # body bytes counted so far
         self.running: asyncio.Future | None = None  # a computation that outlives the request (keep_until)
 
     def keep_until(self, running: asyncio.Future) -> None:
@@ -71,7 +70,6 @@ class Hold:
     def body(self, nbytes: int) -> None:
         """The body's bytes so far: `BODY_COPIES` times them."""
         self.resize(BODY_COPIES * nbytes)
-        self.body_bytes = nbytes
 
     def check_body(self, declared: int) -> None:
         """503 now if a body of `declared` bytes could not be held beside what others hold, but hold nothing

@@ -218,14 +218,10 @@ def _nested_json(array: np.ndarray) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
-def _json_numbers(array: np.ndarray) -> np.ndarray | list | orjson.Fragment:
+def _json_numbers(array: np.ndarray) -> np.ndarray | orjson.Fragment:
     """Nested lists of `array` for orjson: the array itself when finite (orjson writes numpy arrays directly),
-    else the numbers with NaN / infinities as strings, as Python lists when small, pre-built JSON when not."""
-    if np.isfinite(array).all():
-        return array
-    if array.size <= JSON_CHUNK_ELEMENTS:
-        return _with_non_finite(array).tolist()
-    return orjson.Fragment(_nested_json(array))
+    else pre-built JSON with NaN / infinities as strings."""
+    return array if np.isfinite(array).all() else orjson.Fragment(_nested_json(array))
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

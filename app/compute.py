@@ -212,9 +212,10 @@ def _run(
         if options.parity:
             _check_deadline(deadline, "the parity reference")
             reference_raw, reference_ms = _timed(device, lambda: pass_(parity.reference_conv, problem, device, problem.dtype))
+            exact = None
             if options.exact:
                 _check_deadline(deadline, "the float64 reference")
-            exact = select(pass_(parity.reference_conv, problem, cpu, torch.float64)) if options.exact else None
+                exact = select(pass_(parity.reference_conv, problem, cpu, torch.float64))
             report = _report(problem, ours, select(reference_raw), exact)
     tensors = {name: None if value is None else value.cpu() for name, value in ours.items()}
     return Outcome(tensors, algorithm, report, {"compute": compute_ms, "reference": reference_ms})

@@ -19,10 +19,10 @@ from starlette.requests import ClientDisconnect
 
 from app.admission import Hold, MemoryBudget
 from app.config import Settings
-from app.errors import BodyTimeout, DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
+from app.errors import BodyTimeout, ClientGone, DeadlineExceeded, MalformedBody, TooLarge, Unauthorized, UnsupportedMediaType
 from app.metrics import Metrics
 from app.parsing import BodyParser
-from app.worker import ClientGone, DeviceWorker
+from app.worker import DeviceWorker
 
 
 async def get_settings_from_app(request: Request) -> Settings:

@@ -93,6 +93,16 @@ class DeadlineExceeded(ApiError):
     status_code = 504
 
 
+class ClientGone(ApiError):
+    """The client disconnected, mid-body or while its request waited: nginx's 499, counted in the metrics;
+    nobody reads the answer. Not a bug, so never a 500."""
+
+    status_code = 499
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection")
+
+
 class OutOfDeviceMemory(ApiError):
     """The device ran out of memory for this request; its cache was freed and the worker keeps serving."""
 

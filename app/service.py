@@ -21,10 +21,8 @@ from app.config import Settings
 from app.deps import app_state, check_api_key, decimal_int, read_body
 from app.problem import Problem
 from app.responses import Buffer, PartsResponse
-from app.worker import ClientGone, DeviceWorker
+from app.worker import DeviceWorker
 
-# Nginx's code for "client closed the request": logged and counted, never seen by a client.
-CLIENT_CLOSED = 499
 # Responses this small encode in well under a millisecond: cheaper on the event loop than a thread hop.
 INLINE_ENCODE_ELEMENTS = 16_384
 
@@ -116,10 +114,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
     refuse_big_body_to_a_full_queue(request, settings, workers)
     # Held from before the body is read until the response is built (app/admission.py).
     with state.budget.hold() as hold:
-        try:
-            body = await read_body(request, settings, deadline, hold=hold)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
+        body = await read_body(request, settings, deadline, hold=hold)
         decode_start = time.perf_counter()
         problem = await parser.parse(body, backward, settings, list(workers), default_device(settings, workers))
         del body
@@ -127,10 +122,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
         if problem.options.timeout_s is not None:
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-        try:
-            outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms, hold)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
+        outcome = await run_problem(request, settings, workers, problem, deadline, backward, timing_ms, hold)
         elements = sum(tensor.numel() for tensor in outcome.tensors.values() if tensor is not None)
         if elements <= INLINE_ENCODE_ELEMENTS:
             parts = _encode(outcome, problem, timing_ms, arrived)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.errors import DeadlineExceeded, OutOfDeviceMemory, Unavailable
+from app.errors import ClientGone, DeadlineExceeded, OutOfDeviceMemory, Unavailable
 
 log = logging.getLogger("app.worker")
 
@@ -32,10 +32,6 @@ DeviceFn = Callable[[torch.device], Any]
 _DISCONNECT_POLL_S = 0.1
 # Triton compiles its kernels during the first CUDA warm-up; that can take minutes.
 _SETUP_TIMEOUT_S = 900
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited; nothing is sent back."""
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.client.errors import error_for
+from app.client.errors import ServerError, error_for
 
 try:
     import torch
@@ -198,13 +198,12 @@ def raise_for_status(response: httpx.Response) -> None:
 
 
 def _json(response: httpx.Response) -> Any:
-    """A 200's JSON body; an answer that is not JSON (a proxy's HTML page, say) is a ServerError, not a decode error."""
+    """A 200's JSON body (`_post` raises for every other status); an answer that is not JSON (a proxy's HTML
+    page, say) is a ServerError, as a bad gateway's 502, not a decode error."""
     try:
         return response.json()
     except ValueError:
-        raise error_for(
-            502 if response.status_code == 200 else response.status_code, f"the answer is not JSON: {response.text[:200]!r}"
-        ) from None
+        raise ServerError(502, f"the answer is not JSON: {response.text[:200]!r}") from None
 
 
 def _result(payload: dict, backward: bool, as_torch: bool) -> ForwardResult | BackwardResult:

@@ -18,10 +18,10 @@ from app.metrics import Metrics
 from app.parsing import INLINE_MAX_BYTES
 from app.problem import Problem, parse_problem
 from app.responses import PartsResponse
-from app.service import CLIENT_CLOSED, INLINE_ENCODE_ELEMENTS, default_device, refuse_big_body_to_a_full_queue, run_problem
+from app.service import INLINE_ENCODE_ELEMENTS, default_device, refuse_big_body_to_a_full_queue, run_problem
 from app.v2.models import Model
 from app.v2.protocol import HEADER_LENGTH, V2Request, check_shapes, decode_request, encode_response, split_body, text_elements
-from app.worker import ClientGone, DeviceWorker
+from app.worker import DeviceWorker
 
 
 def decode(
@@ -48,10 +48,7 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
     refuse_big_body_to_a_full_queue(request, settings, workers)
     # V2 clients send JSON, or JSON followed by raw tensor bytes, under any Content-Type.
     with request.app.state.budget.hold() as hold:  # app/admission.py
-        try:
-            raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset, hold=hold)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
+        raw = await read_body(request, settings, deadline, json_only=False, binary_offset=binary_offset, hold=hold)
         decode_start = time.perf_counter()
         arguments = (model, raw, header_length, settings, list(workers), default_device(settings, workers))
         # Only the JSON part costs time to decode: binary tensors become views of the body.
@@ -62,10 +59,7 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
         if problem.options.timeout_s is not None:
             deadline = min(deadline, arrived_monotonic + problem.options.timeout_s)
         timing_ms = {"decode": (time.perf_counter() - decode_start) * 1e3}
-        try:
-            outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms, hold)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
+        outcome = await run_problem(request, settings, workers, problem, deadline, model.backward, timing_ms, hold)
         metrics.observe_stages(timing_ms)
         # Unlike the native responses, "total" stops before encoding: the figures are part of what is encoded.
         timing_ms["total"] = (time.perf_counter() - arrived) * 1e3

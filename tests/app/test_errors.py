@@ -6,6 +6,7 @@ import asyncio
 import base64
 import math
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 import torch
@@ -213,17 +214,26 @@ async def until(condition, timeout_s: float = 5.0) -> None:
     raise AssertionError("condition not reached")
 
 
-async def test_503_queue_full_with_retry_after() -> None:
-    # inline_macs=0: the seed problem would otherwise run on the event loop, past the queue.
+@asynccontextmanager
+async def full_queue():
+    """An app whose CPU worker is busy and whose one queue slot is taken; the waiting request is served after.
+    inline_macs=0: the seed problem would otherwise run on the event loop, past the queue."""
     async with running(queue_size=1, retry_after_s=3, inline_macs=0) as (app, client):
         worker = app.state.workers["cpu"]
         release = block(worker)
         await until(lambda: worker.busy)
         waiting = asyncio.create_task(client.post("/forward", json=FORWARD_EXAMPLE))
         await until(lambda: worker.queue_depth == 1)
-        response = await client.post("/forward", json=FORWARD_EXAMPLE)
-        release.set()
+        try:
+            yield app, client
+        finally:
+            release.set()
         assert (await waiting).status_code == 200
+
+
+async def test_503_queue_full_with_retry_after() -> None:
+    async with full_queue() as (_, client):
+        response = await client.post("/forward", json=FORWARD_EXAMPLE)
     assert response.status_code == 503 and response.headers["retry-after"] == "3"
     assert "queue is full" in response.json()["detail"]
 
@@ -231,19 +241,12 @@ async def test_503_queue_full_with_retry_after() -> None:
 async def test_a_big_body_to_a_full_queue_is_refused_before_it_is_parsed() -> None:
     """Past 1 MiB a body cannot hold an inline-sized problem: with its device's queue full it is answered 503
     before it is read and decoded (in a burst, decoding first made the 503 take seconds)."""
-    async with running(queue_size=1, retry_after_s=3, inline_macs=0) as (app, client):
-        worker = app.state.workers["cpu"]
-        release = block(worker)
-        await until(lambda: worker.busy)
-        waiting = asyncio.create_task(client.post("/forward", json=FORWARD_EXAMPLE))
-        await until(lambda: worker.queue_depth == 1)
+    async with full_queue() as (app, client):
         parses = []
         parse = app.state.parser.parse
         app.state.parser.parse = lambda *args: parses.append(args) or parse(*args)
         big = {"input": [[[[0.5] * 512] * 512]], "weight": [[[[1.0]]]]}  # ~1.3 MB of JSON
         response = await client.post("/forward", json=big)
-        release.set()
-        assert (await waiting).status_code == 200
     assert response.status_code == 503 and response.headers["retry-after"] == "3" and "queue is full" in response.json()["detail"]
     assert parses == []
 
