@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from kernels import depthwise as _depthwise  # noqa: F401  (registers "depthwise")
 from kernels import im2col as _im2col  # noqa: F401  (registers "im2col")
+from kernels import ops as _ops  # noqa: F401  (registers torch.ops.convservice, which compiled models call)
 from kernels import pointwise as _pointwise  # noqa: F401  (registers "pointwise")
 from kernels import reference as _reference  # noqa: F401  (registers "reference")
 from kernels import shifted_gemm as _shifted_gemm  # noqa: F401  (registers "shifted_gemm")

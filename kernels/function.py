@@ -94,8 +94,16 @@ _BATCHABLE_BACKWARD = frozenset({"im2col", "unfold", "shifted_gemm", "winograd",
 
 def _backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
-    spec, padding_mode, algorithm, memory_format = ctx.conv
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_input, grad_weight = gradients(grad_output, input, weight, *ctx.conv, need_input, need_weight)
+    grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def gradients(
+    grad_output, input, weight, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format, need_input, need_weight
+):
+    """(grad_input, grad_weight) of one conv, each None where not needed; grad_input in `memory_format`."""
     padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
     # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits; under
     # torch.func, one whose backward takes batched tensors (vmap over grad).
@@ -108,8 +116,7 @@ def _backward(ctx, grad_output):
         if padded is not input:
             grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
         grad_input = _in_format(grad_input, memory_format)
-    grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
-    return grad_input, grad_weight, grad_bias, None, None, None, None
+    return grad_input, grad_weight
 
 
 def _jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
@@ -292,6 +299,14 @@ def conv2d(
     if batched.device.type == "meta":  # shapes only (deferred initialisation, shape inference): nothing to compute
         spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
         output = torch.empty(_output_shape(batched, weight, spec), dtype=input.dtype, device="meta")  # NCHW, as torch's meta conv
+        return output.squeeze(0) if unbatched else output
+    if torch.compiler.is_compiling():  # torch.compile / torch.export trace our custom op instead (kernels/ops.py)
+        spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
+        if algorithm != "auto":
+            get(algorithm)
+        output = torch.ops.convservice.conv2d(
+            batched, weight, bias, list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, padding_mode, algorithm
+        )
         return output.squeeze(0) if unbatched else output
     spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
