@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 
 import uvicorn
 
-from app.config import get_settings
+from app.config import METRICS_DIR_VARIABLE, get_settings
 from app.http import BoundedHttpToolsProtocol
 
 
@@ -15,6 +18,25 @@ def main() -> None:
     if settings.processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Read by torch when each worker process imports it: the processes share the cores, not oversubscribe them.
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // settings.processes))
+    shared_dir = _shared_metrics_dir() if settings.processes > 1 and not os.environ.get(METRICS_DIR_VARIABLE) else None
+    try:
+        _serve(settings)
+    finally:
+        if shared_dir:
+            shutil.rmtree(shared_dir, ignore_errors=True)
+
+
+def _shared_metrics_dir() -> str | None:
+    """A fresh directory where the worker processes keep their metrics, so /metrics can sum them (app/metrics.py)."""
+    try:
+        path = os.environ[METRICS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="conv-metrics-")
+    except OSError as error:  # no writable temp dir: the service still runs, each /metrics shows one process
+        logging.getLogger("app").warning("CONV_PROCESSES > 1 but no directory for shared metrics (%s): /metrics shows one process", error)
+        return None
+    return path
+
+
+def _serve(settings) -> None:
     uvicorn.run(
         "app.main:app",
         host=settings.host,

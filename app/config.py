@@ -14,6 +14,10 @@ MiB = 1 << 20
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+# prometheus_client's variable for a directory shared by several processes' metrics: `python -m app` sets it
+# for CONV_PROCESSES > 1 before the workers start, app/metrics.py reads it (as prometheus_client does, at import).
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class Settings(BaseSettings):
     """Every field is CONV_<NAME> in the environment (e.g. CONV_MAX_BODY_BYTES=1048576)."""

@@ -18,7 +18,7 @@ from app import compute, errors, memory
 from app.admission import MemoryBudget
 from app.config import Settings, get_settings
 from app.deps import BEARER_SCHEME
-from app.metrics import Metrics, MetricsMiddleware
+from app.metrics import Metrics, MetricsMiddleware, keep_gauges_current
 from app.parsing import BodyParser
 from app.routes import backward, forward, health, info, v2
 from app.schemas import BackwardRequest, ForwardRequest
@@ -81,6 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Warm-up runs in the background: /healthz answers at once, /readyz turns 200 when it is done.
         set_up = [worker.start(compute.warm_up if settings.warmup else None) for worker in workers.values()]
         set_up.append(asyncio.create_task(parser.start(), name="parser-start"))
+        if app.state.metrics.shared_dir:  # several processes: any of them may answer /metrics (app/metrics.py)
+            refresh = keep_gauges_current(app.state.metrics, workers.values(), app.state.budget)
+            set_up.append(asyncio.create_task(refresh, name="metrics-refresh"))
         try:
             yield
         finally:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -11,6 +14,7 @@ import pytest
 import kernels
 from app.config import Settings
 from app.main import create_app
+from app.metrics import _forget_dead_processes
 from app.schemas import BACKWARD_EXAMPLE, FORWARD_EXAMPLE
 from tests.app.conftest import running
 
@@ -78,6 +82,18 @@ async def test_metrics_names(client) -> None:
         assert name in text, name
     assert 'conv_requests_total{algorithm="im2col",endpoint="/forward",status="200"} 1.0' in text
     assert 'endpoint="/forward",status="422"' in text
+
+
+def test_shared_metrics_forget_the_live_gauges_of_processes_that_are_gone(tmp_path) -> None:
+    """CONV_PROCESSES > 1 (app/metrics.py): a worker the supervisor restarted leaves files behind; its gauges
+    (queue depth, bytes held) must not count any more, its counters must."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    files = [f"gauge_livesum_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db", f"counter_{gone.pid}.db", f"histogram_{gone.pid}.db"]
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    _forget_dead_processes(str(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(files[1:])
 
 
 async def test_openapi_declares_the_real_request_bodies(client) -> None:

@@ -295,10 +295,21 @@ def _environ(pid: int) -> dict[str, str]:
         return {key.decode(): value.decode() for key, value in pairs}
 
 
+def _forward_counts(metrics_text: str) -> dict[str, float]:
+    """conv_requests_total for /forward by status, from an exposition text."""
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("conv_requests_total{") and 'endpoint="/forward"' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
-async def test_two_processes_share_the_port_and_the_cores(tmp_path) -> None:
+async def test_two_processes_share_the_port_the_cores_and_their_metrics(tmp_path) -> None:
     """CONV_PROCESSES=2: two uvicorn worker processes under one supervisor, each with cores/2 torch threads,
-    both answering on the one port (fresh connections are spread by the kernel)."""
+    both answering on the one port (fresh connections are spread by the kernel); whichever answers /metrics
+    reports both processes' requests, from a directory the supervisor removes when it stops."""
     server = start(tmp_path, "two", CONV_PROCESSES="2")
     try:
         wait_ready(server)
@@ -307,12 +318,26 @@ async def test_two_processes_share_the_port_and_the_cores(tmp_path) -> None:
         threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
         assert len(workers) == 2, workers
         assert [_environ(pid).get("OMP_NUM_THREADS") for pid in workers] == [threads, threads]
+        shared = {_environ(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in workers}
+        assert len(shared) == 1 and os.path.isdir(shared_dir := shared.pop()), shared
         statuses = []
         for _ in range(12):  # one connection each, so both processes take some
             statuses.append((await post(server.url, "/forward", FORWARD_EXAMPLE)).status_code)
-        assert statuses == [200] * 12
+        for _ in range(3):
+            statuses.append((await post(server.url, "/forward", {"input": 1})).status_code)
+        # Until each process has counted a request (its counter file), so that one process's figures cannot pass.
+        while not all(os.path.exists(os.path.join(shared_dir, f"counter_{pid}.db")) for pid in workers) and len(statuses) < 200:
+            statuses.append((await post(server.url, "/forward", FORWARD_EXAMPLE)).status_code)
+        assert all(os.path.exists(os.path.join(shared_dir, f"counter_{pid}.db")) for pid in workers), os.listdir(shared_dir)
+        assert statuses.count(422) == 3 and statuses.count(200) == len(statuses) - 3, statuses
+        for _ in range(4):  # fresh connections: both processes answer some of the scrapes
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                scraped = (await client.get("/metrics")).text
+            assert _forward_counts(scraped) == {"200": len(statuses) - 3, "422": 3}
+            assert "conv_in_flight_requests 0.0" in scraped.splitlines()
     finally:
         stop(server)
+    assert not os.path.exists(shared_dir)
 
 
 @pytest.mark.skipif(not has_cxx(), reason="no C++ compiler here: Inductor cannot compile")
