@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -106,11 +106,39 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
-        # An empty CONV_API_KEY= would otherwise mean "auth on with an empty key".
-        return value if value is not None and value.get_secret_value() else None
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """Empty: auth off (else "auth on with an empty key"). Otherwise a key a client can send and we can match:
+        surrounding whitespace (a key read from a file ends in a newline) is dropped, as it is from the token sent;
+        a key that is blank or holds characters an HTTP header cannot carry is refused."""
+        if value is None or not value.get_secret_value():
+            return None
+        key = value.get_secret_value().strip(" \t\r\n")
+        if not key:
+            raise ValueError("only whitespace: set a key, or leave it empty to turn auth off")
+        if not all("!" <= character <= "~" for character in key):
+            raise ValueError("a key may hold only printable ASCII without spaces (what a Bearer token can carry)")
+        return SecretStr(key)
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per refused setting, named as it is set: "CONV_PORT: Input should be a valid integer (got 'abc')"."""
+    lines = []
+    for item in error.errors():
+        name = "CONV_" + str(item["loc"][0]).upper() if item["loc"] else "settings"
+        shown = "" if name == "CONV_API_KEY" else f" (got {item['input']!r})"  # never echo a secret
+        lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return lines
+
+
+def describe_settings() -> str:
+    """Every setting with its default and meaning, for `python -m app --help`."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else field.default
+        lines.append(f"  CONV_{name.upper()} (default {default}): {field.description}")
+    return "\n".join(lines)

@@ -155,6 +155,8 @@ def parse_problem(body: Any, backward: bool, settings: Settings, devices: list[s
         raise InvalidField((), f"the body must be a JSON object, got {type(body).__name__}")
     tensor_fields = ("input", "weight", "bias", "grad_output") if backward else ("input", "weight", "bias")
     options = _options(body, BackwardOptions if backward else ForwardOptions, tensor_fields)
+    if options.exact and not options.parity:  # else the float64 comparison asked for would be silently skipped
+        raise InvalidField("exact", "exact is part of the parity report (parity.exact): it needs parity true")
     device = resolve_device(options.device, default_device, devices)
     for required in ("input", "weight"):
         if body.get(required) is None:

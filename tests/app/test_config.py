@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -31,6 +35,38 @@ def test_environment(monkeypatch) -> None:
 def test_empty_api_key_means_no_auth(monkeypatch) -> None:
     monkeypatch.setenv("CONV_API_KEY", "")
     assert Settings().api_key is None
+
+
+def test_api_key_read_from_a_file_loses_its_newline_and_unsendable_keys_are_refused(monkeypatch) -> None:
+    """The token a client sends is stripped before it is compared, so the key must be too (else every request
+    is a 401); a blank key or one an HTTP header cannot carry could never match, so it stops the start-up."""
+    monkeypatch.setenv("CONV_API_KEY", "s3cret\n")
+    assert Settings().api_key.get_secret_value() == "s3cret"
+    for value, message in (("   ", "only whitespace"), ("clé", "printable ASCII"), ("two words", "printable ASCII")):
+        monkeypatch.setenv("CONV_API_KEY", value)
+        with pytest.raises(ValidationError, match=message):
+            Settings()
+
+
+def run_app(*arguments: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m app` as a user starts it, with only these CONV_* variables; one that would serve is not run here."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("CONV_") and key != "PROMETHEUS_MULTIPROC_DIR"}
+    return subprocess.run([sys.executable, "-m", "app", *arguments], env={**environment, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_python_m_app_refuses_arguments_and_bad_settings_with_one_line_each() -> None:
+    usage = run_app("--help")
+    assert usage.returncode == 0 and "CONV_PORT (default 8000)" in usage.stdout and "CONV_API_KEY (default unset)" in usage.stdout
+    assert run_app("--port", "9000").stderr.strip() == (
+        "python -m app: it takes no arguments, got '--port 9000': set CONV_* variables (--help lists them)"
+    )
+    bad = run_app(CONV_PORT="abc", CONV_QUEUE_SIZE="0", CONV_API_KEY="clé")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    lines = bad.stderr.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["CONV_PORT", "CONV_QUEUE_SIZE", "CONV_API_KEY"], lines
+    assert "(got 'abc')" in lines[0] and "clé" not in bad.stderr  # the key is never echoed
+    missing = run_app(PROMETHEUS_MULTIPROC_DIR="/nonexistent/metrics", CONV_PROCESSES="2")
+    assert missing.returncode == 2 and "PROMETHEUS_MULTIPROC_DIR='/nonexistent/metrics' is not a writable directory" in missing.stderr
 
 
 @pytest.mark.parametrize(

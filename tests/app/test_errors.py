@@ -63,6 +63,7 @@ UNPROCESSABLE = [
     pytest.param("/forward", body(groups=0), "groups", "greater than or equal to 1", id="groups-zero"),
     pytest.param("/forward", body(atol=-1), "atol", "greater than or equal to 0", id="atol-negative"),
     pytest.param("/forward", body(parity="yes"), "parity", "boolean", id="parity-string"),
+    pytest.param("/forward", body(parity=False, exact=True), "exact", "needs parity true", id="exact-without-parity"),
     pytest.param("/forward", body(input=[[[[1.0, 2.0], [3.0]]]]), "input", "ragged", id="ragged"),
     pytest.param("/forward", body(input={"shape": [1, 1, 3, 3], "data": [1.0] * 8}), "input", "needs 9", id="data-length"),
     pytest.param("/forward", body(input={"shape": [1, 1, 3, 3], "dtype": "float", "data": [1.0] * 9}), "input", "dtype", id="object-dtype"),
