@@ -9,6 +9,7 @@ needed. The algorithm only computes zero-padded, batched conv and its gradients.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from kernels import compiled
 from kernels import padding as padding_modes
@@ -198,6 +199,15 @@ class _EagerConv2dFunction(torch.autograd.Function):
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
+def _differentiable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the call needs the Function: backward (an operand requires grad), or its jvp or vmap rule (a
+    torch.func transform, or forward AD's dual tensors, which exist only inside a dual level). Without the
+    Function those transforms would run the algorithms' own ops, which they cannot (out= ops, in-place masks)."""
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        return True
+    return _functorch_active is None or _functorch_active() or getattr(forward_ad, "_current_level", 0) >= 0
+
+
 def _apply(*arguments) -> torch.Tensor:
     """Conv2dFunction.apply, in the classic form when no torch.func transform is active."""
     if _functorch_active is None or _functorch_active():
@@ -310,8 +320,8 @@ def conv2d(
         return output.squeeze(0) if unbatched else output
     spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    if _differentiable(input, weight, bias):
         output = _apply(*arguments)
-    else:  # nothing to differentiate: skip the autograd node (~30 us, most of a tiny conv's time)
+    else:  # nothing to differentiate or transform: skip the autograd node (~30 us, most of a tiny conv's time)
         output = _forward(*arguments)
     return output.squeeze(0) if unbatched else output

@@ -8,7 +8,7 @@ from torch import nn
 
 import kernels
 from kernels.tolerances import tolerance
-from tests.kernels.cases import ALGORITHMS, Case, refusal
+from tests.kernels.cases import ALGORITHMS, Case, make_inputs, refusal
 
 MODULE_CONFIGS = {
     "int_kernel": dict(in_channels=3, out_channels=4, kernel_size=3),
@@ -241,5 +241,57 @@ def test_per_sample_gradients_through_an_algorithm_whose_backward_vmap_cannot_ba
 
     actual = per_sample(lambda x, w: kernels.conv2d(x, w, None, 1, 1, 1, 8, algorithm="depthwise"))
     expected = per_sample(lambda x, w: torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 8))
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+# Problems each algorithm takes (the transforms must reach its own ops, not unfold's, which "auto" picks for tiny convs).
+TRANSFORM_CASES = {
+    "3x3": Case("transform_3x3", in_channels=4, out_channels=4, padding=1, size=(8, 8)),
+    "depthwise": Case("transform_depthwise", in_channels=4, out_channels=8, groups=4, padding=1, size=(8, 8)),
+    "1x1": Case("transform_1x1", in_channels=4, out_channels=6, kernel_size=(1, 1), size=(5, 6)),
+}
+PLAIN_TRANSFORMS = {
+    "jvp": lambda conv, x, w, b: torch.func.jvp(conv, (x, w, b), (x.flip(-1), w.flip(0), b + 1)),
+    "vmap_input": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(0, None, None))(torch.stack([x, -2 * x]), w, b),
+    "vmap_weight": lambda conv, x, w, b: torch.func.vmap(conv, in_dims=(None, 0, None))(x, torch.stack([w, w.flip(-1)]), b),
+    "dual_tensors": lambda conv, x, w, b: _dual_tangent(conv, x, w, b),
+}
+
+
+def _dual_tangent(conv, x, w, b):
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(conv(forward_ad.make_dual(x, x.flip(-1)), w, b)).tangent
+
+
+def transform_grid() -> list:
+    params = []
+    for case_name, case in TRANSFORM_CASES.items():
+        for algorithm in ALGORITHMS:
+            why = refusal(case, algorithm)
+            for transform in PLAIN_TRANSFORMS:
+                marks = [pytest.mark.skip(reason=why)] if why else []
+                params.append(pytest.param(case, algorithm, transform, id=f"{case_name}-{algorithm}-{transform}", marks=marks))
+    return params
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # functorch's slow-path notes
+@pytest.mark.parametrize(("case", "algorithm", "transform"), transform_grid())
+def test_transforms_of_tensors_that_do_not_require_grad(case: Case, algorithm: str, transform: str):
+    """jvp, vmap and dual tensors need the Function's rules even when nothing requires grad: without them the
+    transforms ran the algorithms' own ops and failed (out= ops, in-place masks) for every algorithm but unfold."""
+    x, w, b = (tensor.detach() for tensor in make_inputs(case, torch.float64, "cpu", seed=7))
+    kwargs = case.conv_kwargs()
+
+    def ours(x, w, b):
+        return kernels.conv2d(x, w, b, **kwargs, algorithm=algorithm)
+
+    def theirs(x, w, b):
+        return torch.nn.functional.conv2d(x, w, b, kwargs["stride"], kwargs["padding"], kwargs["dilation"], kwargs["groups"])
+
+    actual, expected = PLAIN_TRANSFORMS[transform](ours, x, w, b), PLAIN_TRANSFORMS[transform](theirs, x, w, b)
     atol, rtol = tolerance(torch.float64)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
