@@ -62,6 +62,8 @@ def _output_format(input: torch.Tensor, weight: torch.Tensor, padding_mode: str)
     CUDA's reflect/replicate kernels do too (CPU's keep the input's layout) - seen on the H200 run of
     bench/gpu_check.sh and on this CPU build. This is a layout question only: no torch conv is called.
     """
+    if input.shape[0] == 0:  # torch answers an empty batch before asking its backends: always NCHW
+        return torch.contiguous_format
     if input.device.type == "cuda" and (input.dtype == torch.float64 or weight.dtype == torch.float64 or not torch.backends.cudnn.enabled):
         return torch.contiguous_format
     padded_keeps_layout = padding_mode == "zeros" or (padding_mode != "circular" and input.device.type == "cpu")
@@ -77,7 +79,19 @@ def _in_format(tensor: torch.Tensor, memory_format: torch.memory_format) -> torc
     """
     if tensor.numel() == 0:
         return torch.empty_like(tensor, memory_format=memory_format)
-    return tensor.contiguous(memory_format=memory_format)
+    tensor = tensor.contiguous(memory_format=memory_format)
+    # A size-1 dimension's stride addresses nothing, so `.contiguous` keeps whatever the algorithm left there; but
+    # the next layer reads the strides to pick its format (`prefers_channels_last`), so they are made torch's: a view.
+    strides = channels_last_strides(tensor.shape) if memory_format == torch.channels_last else _contiguous_strides(tensor.shape)
+    return tensor if tensor.stride() == strides else tensor.as_strided(tensor.shape, strides, tensor.storage_offset())
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(size):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
 
 
 def _save(ctx, inputs: tuple) -> None:

@@ -115,6 +115,7 @@ CASES = [
     Case("unbatched_reflect_groups", batch=None, in_channels=4, out_channels=2, groups=2, padding=1, padding_mode="reflect"),
     Case("empty_batch", batch=0, padding=1),
     Case("empty_batch_depthwise", batch=0, in_channels=2, out_channels=4, groups=2),
+    Case("empty_batch_channels_last_weight", batch=0, padding=1, layout="channels_last_weight"),  # torch: NCHW all the same
     Case("noncontiguous", layout="noncontiguous", padding=1),
     Case("noncontiguous_depthwise", layout="noncontiguous", in_channels=4, out_channels=4, groups=4),
     Case("channels_last", layout="channels_last", padding=1),

@@ -42,6 +42,7 @@ def test_matches_nn_conv2d(case, algorithm, dtype, device):
     assert output.dtype == same_dtype.dtype == dtype
     assert output.device == same_dtype.device
     assert layout_flags(output) == layout_flags(same_dtype), "output memory format differs from nn.Conv2d's"
+    assert output.stride() == same_dtype.stride(), "strides differ from nn.Conv2d's (size-1 dims steer the next layer's format)"
 
     exact_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
     exact = torch_conv(case, *exact_leaves, *([None] if bias is None else []))
@@ -56,3 +57,4 @@ def test_matches_nn_conv2d(case, algorithm, dtype, device):
 
     same_dtype_grad_input = grads(same_dtype, grad_output, [input])[0]
     assert layout_flags(our_grads[0]) == layout_flags(same_dtype_grad_input), "grad_input memory format differs from nn.Conv2d's"
+    assert our_grads[0].stride() == same_dtype_grad_input.stride(), "grad_input strides differ from nn.Conv2d's"
