@@ -8,6 +8,8 @@ needed. The algorithm only computes zero-padded, batched conv and its gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 
@@ -119,6 +121,10 @@ def gradients(
     grad_output, input, weight, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format, need_input, need_weight
 ):
     """(grad_input, grad_weight) of one conv, each None where not needed; grad_input in `memory_format`."""
+    if weight.shape[1] == 0:  # no input channels (`_forward`): both gradients are empty
+        return (_in_format(torch.zeros_like(input), memory_format) if need_input else None), (
+            torch.zeros_like(weight) if need_weight else None
+        )
     padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
     # create_graph=True: use an algorithm whose backward is itself differentiable, within its limits; under
     # torch.func, one whose backward takes batched tensors (vmap over grad).
@@ -126,6 +132,7 @@ def gradients(
     if double or (algorithm.name not in _BATCHABLE_BACKWARD and _functorch_active is not None and _functorch_active()):
         algorithm = get("im2col")
         algorithm.accept(padded, weight, run_spec)
+    algorithm = _exact_for_nonfinite(algorithm, "backward", padded, weight, run_spec, grad_output)
     grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
     if grad_input is not None:
         if padded is not input:
@@ -245,8 +252,27 @@ def _apply_spec(input, weight, bias, spec: ConvSpec, padding_mode: str, algorith
 
 
 def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format) -> torch.Tensor:
+    if weight.shape[1] == 0:  # no input channels: an empty sum, so every output is its bias (torch's (N, 0, ...) is no conv's shape)
+        output = input.new_zeros(_output_shape(input, weight, spec))
+        return _in_format(output if bias is None else output + bias.view(1, -1, 1, 1), memory_format)
     padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
+    algorithm = _exact_for_nonfinite(algorithm, "forward", padded, weight, run_spec)
     return _in_format(algorithm.forward(padded, weight, bias, run_spec), memory_format)
+
+
+def _exact_for_nonfinite(algorithm: ConvAlgorithm, direction: str, input, weight, spec: ConvSpec, *more) -> ConvAlgorithm:
+    """`algorithm`, or im2col where its `direction` would spread a NaN or an infinity of these operands to elements
+    torch keeps finite (`Support.inexact_nonfinite`). Telling costs one sum per operand: NaN and infinities survive
+    a sum, and a finite sum that overflows only costs the exact path. Under torch.func (batched tensors have no
+    .item()) it cannot tell, and takes im2col."""
+    if direction not in algorithm.support().inexact_nonfinite:
+        return algorithm
+    transformed = _functorch_active is None or _functorch_active()
+    if not transformed and all(math.isfinite(tensor.sum().item()) for tensor in (input, weight, *more)):
+        return algorithm
+    exact = get("im2col")
+    exact.accept(input, weight, spec)
+    return exact
 
 
 def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) -> tuple[torch.Tensor, ConvSpec]:

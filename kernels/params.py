@@ -44,12 +44,26 @@ class ConvSpec:
         return ConvSpec(self.stride, padding, self.dilation, self.groups)
 
 
+def integer(value: object) -> int | None:
+    """`value` as an int where torch's argument parser takes it as one: an int, numpy's integers (configs read
+    through numpy), a 0-d integer tensor; None for anything else, bool included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and not value.is_complex():
+        return None if value.dtype == torch.bool else int(value)
+    return None
+
+
 def pair(value: IntPair, name: str) -> tuple[int, int]:
     """An int or a 1- or 2-sequence of ints as (h, w), with torch's error for other lengths."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(value, numbers.Integral):  # int, and numpy's integers as torch takes them (configs read through numpy)
-        return (int(value), int(value))
+    if (single := integer(value)) is not None:
+        return (single, single)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     values = tuple(value)
     if len(values) == 1:
         values = values * 2
@@ -58,10 +72,11 @@ def pair(value: IntPair, name: str) -> tuple[int, int]:
             f"expected {name} to be a single integer value or a list of 2 values to match the "
             f"convolution dimensions, but got {name}={list(values)}"
         )
-    for item in values:
-        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+    ints = [integer(item) for item in values]
+    for item, number in zip(values, ints):
+        if number is None:
             raise TypeError(f"{name} must contain ints, got {item!r}")
-    return (int(values[0]), int(values[1]))
+    return (ints[0], ints[1])
 
 
 def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -158,9 +173,9 @@ def _validate(input, weight, bias, stride, padding, dilation, groups, padding_mo
         raise RuntimeError("non-positive stride is not supported")
     if min(dilation_hw) <= 0:
         raise RuntimeError(f"dilation should be greater than zero, but got {list(dilation_hw)}")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+    if (number := integer(groups)) is None:
         raise TypeError(f"groups must be an int, got {groups!r}")
-    groups = int(groups)
+    groups = number
     if groups <= 0:
         raise RuntimeError("non-positive groups is not supported")
     out_channels, in_per_group, kernel_height, kernel_width = weight.shape

@@ -123,6 +123,7 @@ class ShiftedGemm(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
+            inexact_nonfinite=frozenset({"backward"}),  # the wide rows pair inputs with zero gradient rows
             notes="stride 1 only: kH*kW GEMMs on row-shifted slices of the padded NHWC input, no patch copy",
         )
 

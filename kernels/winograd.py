@@ -286,6 +286,7 @@ class Winograd(ConvAlgorithm):
 
     def support(self) -> Support:
         return Support(
+            inexact_nonfinite=frozenset({"forward", "backward"}),  # each transform mixes a whole tile (inf - inf = NaN)
             notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops); "
             "on CPU, once compiled for the problem's shapes, one pass per tile transform (kernels/compiled.py)",
         )

@@ -132,6 +132,38 @@ def test_numpy_integer_arguments_are_taken_as_torch_takes_them():
         kernels.conv2d(input, theirs.weight, stride=(np.float64(2), 1), groups=2)
 
 
+def test_zero_dim_integer_tensors_are_taken_as_ints_as_torch_takes_them():
+    torch.manual_seed(8)
+    input, weight = torch.randn(2, 4, 9, 9, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    arguments = dict(stride=torch.tensor(2), padding=(torch.tensor(1, dtype=torch.int32), 2), dilation=torch.tensor(1), groups=2)
+    expected = torch.nn.functional.conv2d(input, weight, **arguments)
+    torch.testing.assert_close(
+        kernels.conv2d(input, weight, **arguments), expected, **dict(zip(("atol", "rtol"), tolerance(torch.float64)))
+    )
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        kernels.conv2d(input, weight, stride=torch.tensor(2.0), groups=2)
+
+
+ZERO_CHANNELS = Case("zero_channels", in_channels=0, out_channels=3, padding=1, size=(5, 6))
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [pytest.param(name, marks=[pytest.mark.skip(reason=why)] if (why := refusal(ZERO_CHANNELS, name)) else []) for name in ALGORITHMS],
+)
+def test_zero_input_channels_give_the_bias_and_empty_gradients(algorithm: str):
+    """An empty sum: every output is its bias, for every algorithm (they used to fail in their own ops, each
+    differently). torch's F.conv2d returns an (N, 0, H_out, W_out) tensor here, which is no conv's shape."""
+    input = torch.randn(2, 0, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 0, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    output = kernels.conv2d(input, weight, bias, padding=1, algorithm=algorithm)
+    assert torch.equal(output, bias.detach().view(1, 3, 1, 1).expand(2, 3, 5, 6))
+    output.sum().backward()
+    assert input.grad.shape == input.shape and weight.grad.shape == weight.shape
+    assert torch.equal(bias.grad, torch.full((3,), 60.0, dtype=torch.float64))  # 2 images x 5 x 6 outputs
+
+
 @pytest.mark.parametrize("with_grad", [False, True], ids=["no_grad", "grad"])
 def test_autocast_runs_the_conv_in_its_dtype_as_nn_conv2d_does(with_grad: bool):
     """Under torch.autocast nn.Conv2d computes in the autocast dtype; so must the drop-in, gradients included."""
