@@ -63,9 +63,15 @@ class Hold:
         self.running: asyncio.Future | None = None  # a computation that outlives the request (keep_until)
 
     def keep_until(self, running: asyncio.Future) -> None:
-        """The request is leaving (deadline, client gone) while its conv still runs: its tensors stay in
-        memory until `running` ends, so its bytes stay held until then."""
+        """The request is leaving while its memory is still in use: a conv still running (deadline, client gone),
+        or a response still being sent (a client that reads slowly holds it). Its bytes stay held until `running` ends."""
         self.running = running
+
+    def until_sent(self) -> asyncio.Future:
+        """A future for the response to resolve once sent (`PartsResponse(sent=...)`); held until then."""
+        sent = asyncio.get_running_loop().create_future()
+        self.keep_until(sent)
+        return sent
 
     def body(self, nbytes: int) -> None:
         """The body's bytes so far: `BODY_COPIES` times them."""

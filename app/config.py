@@ -66,7 +66,10 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline per request, from arrival to answer (504 past it).")
     body_timeout_s: float = Field(
-        30.0, gt=0, description="Time allowed for a request body to arrive; a slower client is answered 408 and cut off."
+        30.0,
+        gt=0,
+        description="Time allowed for a request body to arrive (a slower client is answered 408 and cut off), and for a client "
+        "that has stopped reading its response to read again (else it is cut off, and the response's memory freed).",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503.")
     keep_alive_s: int = Field(

@@ -9,10 +9,13 @@ nothing, were still open 12 s later, and ~1,000 of them took the process to its 
   the bytes past the limit reach the parser;
 - a head still incomplete CONV_BODY_TIMEOUT_S after its first byte closes the connection, as a slow body
   gets its 408;
-- a new connection that sends nothing is closed after CONV_KEEP_ALIVE_S, as an idle keep-alive one is.
+- a new connection that sends nothing is closed after CONV_KEEP_ALIVE_S, as an idle keep-alive one is;
+- a client that reads nothing of its response for CONV_BODY_TIMEOUT_S (the socket's buffers stay full) is cut
+  off: uvicorn has no write timeout, and each such response held its memory (measured: 4 clients that stopped
+  reading after the status line held 916 MB of responses, outside CONV_MAX_INFLIGHT_BYTES, until they closed).
 
-Only uvicorn's protocol hooks are used (connection_made, data_received, on_headers_complete,
-on_message_complete); `python -m app` passes this class as uvicorn's `http`.
+Only uvicorn's protocol hooks are used (connection_made, connection_lost, data_received, on_headers_complete,
+on_message_complete, pause_writing, resume_writing); `python -m app` passes this class as uvicorn's `http`.
 """
 
 from __future__ import annotations
@@ -35,13 +38,33 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._tail = b""  # the last bytes seen, for an end of head split across reads
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None  # while the transport's buffer is full
         # As after a response: an idle connection is closed after CONV_KEEP_ALIVE_S (uvicorn starts this
         # timer only once a response is sent, so a connection that never spoke stayed open).
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(get_settings().body_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        self.transport.abort()  # drops what is buffered; uvicorn then ends the response as for a client gone
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head:

@@ -112,7 +112,7 @@ async def serve_conv(request: Request, backward: bool) -> Response:
     check_api_key(request, settings)
     deadline = arrived_monotonic + settings.request_timeout_s
     refuse_big_body_to_a_full_queue(request, settings, workers)
-    # Held from before the body is read until the response is built (app/admission.py).
+    # Held from before the body is read until the response is sent (app/admission.py).
     with state.budget.hold() as hold:
         body = await read_body(request, settings, deadline, hold=hold)
         decode_start = time.perf_counter()
@@ -129,4 +129,4 @@ async def serve_conv(request: Request, backward: bool) -> Response:
         else:
             parts = await run_in_threadpool(_encode, outcome, problem, timing_ms, arrived)
         metrics.observe_stages(timing_ms)
-        return PartsResponse(parts, media_type="application/json")
+        return PartsResponse(parts, media_type="application/json", sent=hold.until_sent())

@@ -70,5 +70,6 @@ async def infer(request: Request, model: Model, settings: Settings, workers: dic
         else:
             parts, header_length = await run_in_threadpool(encode_response, *encode_args)
         if header_length is None:
-            return PartsResponse(parts, media_type="application/json")
-        return PartsResponse(parts, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+            return PartsResponse(parts, media_type="application/json", sent=hold.until_sent())
+        headers = {HEADER_LENGTH: str(header_length)}
+        return PartsResponse(parts, media_type="application/octet-stream", headers=headers, sent=hold.until_sent())

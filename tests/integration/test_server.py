@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import socket
 import time
 
 import httpx
@@ -376,3 +378,43 @@ async def test_depthwise_compiles_in_the_background_then_serves_compiled_code(pl
         await check()
         after = (await client.get("/info")).json()["compiled_kernels"]
         assert after["calls"] >= stats["calls"] + 2, f"the compiled code did not run in the server: {after}"
+
+
+def _gauge(metrics_text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(name + " "))
+
+
+async def test_a_client_that_stops_reading_its_response_is_cut_off_and_its_memory_freed(tmp_path) -> None:
+    """A response waits in the socket for a client that reads nothing: its memory stays counted in
+    CONV_MAX_INFLIGHT_BYTES until sent, and after CONV_BODY_TIMEOUT_S with nothing read the server cuts the
+    connection and frees it (before: counted as freed once built, yet held until the client closed, no timeout)."""
+    server = start(tmp_path, "stalled", CONV_BODY_TIMEOUT_S="2")
+    try:
+        wait_ready(server)
+        x, w = torch.randn(1, 1, 256, 256), torch.randn(32, 1, 1, 1)  # 2M output elements: 11 MB of base64
+        body = orjson.dumps({"input": to_json(x, "base64"), "weight": to_json(w, "base64"), "encoding": "base64", "parity": False})
+        port = int(server.url.rsplit(":", 1)[1])
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        head = f"POST /forward HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        stalled.sendall(head.encode() + body)
+        assert stalled.recv(12) == b"HTTP/1.1 200"  # then it reads nothing more
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            held = _gauge((await client.get("/metrics")).text, "conv_inflight_bytes")
+            assert held > 11e6, held  # the response's bytes, while it waits to be sent
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and _gauge((await client.get("/metrics")).text, "conv_inflight_bytes") > 0:
+                await asyncio.sleep(0.2)
+            scraped = (await client.get("/metrics")).text
+        assert _gauge(scraped, "conv_inflight_bytes") == 0 and _gauge(scraped, "conv_in_flight_requests") == 0
+        stalled.settimeout(10)
+        received = 12
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := stalled.recv(1 << 20):
+                received += len(chunk)
+        assert received < 11e6, received  # cut off: the rest of the response was dropped
+        stalled.close()
+        assert (await post(server.url, "/forward", FORWARD_EXAMPLE)).status_code == 200
+    finally:
+        stop(server)
