@@ -34,6 +34,8 @@ log = logging.getLogger("app.parsing")
 PROCESS_MIN_BYTES = 1 << 20
 # Below this a body parses in well under a millisecond: cheaper on the event loop than a thread hop.
 INLINE_MAX_BYTES = 64 << 10
+# How often a request waiting on a helper process checks that the helpers are alive (`_answer`).
+HELPER_CHECK_S = 1.0
 _TENSORS = ("input", "weight", "bias", "grad_output")
 # Numbers in JSON lists are about one comma per 10-20 bytes; base64 tensors have none. A body sparser
 # in commas than this is mostly base64: orjson reads it as one string at memory speed, so parsing it in
@@ -97,6 +99,64 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+async def _answer(pool: ProcessPoolExecutor, future: asyncio.Future) -> Any:
+    """The helper's answer to `future`, or BrokenProcessPool when a helper is gone and the pool cannot say so.
+
+    A helper that dies while writing its answer back (the OOM killer, a kill -9) leaves the pool's manager
+    thread reading half a message forever: the pool never turns broken, and the request, and every later big
+    one, waited with no end, holding its memory (seen in a concurrency audit). So every HELPER_CHECK_S the
+    wait looks at the helpers; one dead for a whole period more, with no answer, abandons the pool.
+    """
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=HELPER_CHECK_S)
+        if done:
+            return future.result()
+        processes = list(getattr(pool, "_processes", None) or {})  # private to the executor; without it, no check
+        if all(_alive(pid) for pid in processes):
+            continue
+        done, _ = await asyncio.wait({future}, timeout=HELPER_CHECK_S)  # the pool's own detection comes first
+        if done:
+            return future.result()
+        # Private executor attributes (missing: nothing to unblock), read before shutdown() drops the thread's.
+        thread, results = getattr(pool, "_executor_manager_thread", None), getattr(pool, "_result_queue", None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        future.cancel()  # what the pool reports for it once unblocked is nobody's to read
+        if thread is not None and results is not None:
+            threading.Thread(target=_unblock, args=(thread, results), name="parser-unblock", daemon=True).start()
+        raise BrokenProcessPool("a body parser process died while answering")
+
+
+def _unblock(thread: threading.Thread, results: Any) -> None:
+    """Feed an abandoned pool's result pipe zeros until its manager `thread` has read past the half message: the
+    bytes do not unpickle, so the thread marks the pool broken and ends (blocked, it would stop the server
+    process from ever exiting: the interpreter joins it)."""
+    descriptor = results._writer.fileno()
+    os.set_blocking(descriptor, False)
+    zeros, deadline = bytes(1 << 16), time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            os.write(descriptor, zeros)
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:
+            return
+
+
+def _alive(pid: int) -> bool:
+    """Whether helper `pid` runs: not gone, not a zombie (a helper's exit is reaped by the pool only when it notices)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 class BodyParser:
     """Parses bodies: tiny ones inline, up to 1 MiB (or mostly base64) in the threadpool, big number-heavy ones in a process pool."""
 
@@ -131,8 +191,9 @@ class BodyParser:
         if self._pool is None or not self.ready or len(body) < PROCESS_MIN_BYTES or not _mostly_numbers(body):
             return await run_in_threadpool(parse_body, body, backward, settings, devices, default_device)
         loop = asyncio.get_running_loop()
+        pool = self._pool
         try:
-            fields = await loop.run_in_executor(self._pool, _parse_remote, body, backward, settings, devices, default_device)
+            fields = await _answer(pool, loop.run_in_executor(pool, _parse_remote, body, backward, settings, devices, default_device))
         except BrokenProcessPool:
             log.error("the body parser process died; starting a new one")
             self._pool = self._new_pool()
