@@ -35,9 +35,6 @@ class Support:
     devices: tuple[str, ...] = TORCH_DEVICES
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     double_backward: bool = True
-    # Passes ("forward", "backward") in which a NaN or an infinity can reach elements that torch keeps finite (a
-    # transform mixing a tile, a product with a structural zero); kernels.conv2d runs them with im2col instead then.
-    inexact_nonfinite: frozenset[str] = frozenset()
     notes: str = ""
     limits: dict = field(default_factory=dict)
 
@@ -51,6 +48,9 @@ class ConvAlgorithm(ABC):
     """
 
     name: str = ""
+    # Passes ("forward", "backward") in which a NaN or an infinity can reach elements that torch keeps finite (a
+    # transform mixing a tile, a product with a structural zero); kernels.conv2d runs them with im2col instead then.
+    inexact_nonfinite: frozenset[str] = frozenset()
 
     @abstractmethod
     def support(self) -> Support: ...

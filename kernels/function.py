@@ -262,10 +262,10 @@ def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: 
 
 def _exact_for_nonfinite(algorithm: ConvAlgorithm, direction: str, input, weight, spec: ConvSpec, *more) -> ConvAlgorithm:
     """`algorithm`, or im2col where its `direction` would spread a NaN or an infinity of these operands to elements
-    torch keeps finite (`Support.inexact_nonfinite`). Telling costs one sum per operand: NaN and infinities survive
+    torch keeps finite (`ConvAlgorithm.inexact_nonfinite`). Telling costs one sum per operand: NaN and infinities survive
     a sum, and a finite sum that overflows only costs the exact path. Under torch.func (batched tensors have no
     .item()) it cannot tell, and takes im2col."""
-    if direction not in algorithm.support().inexact_nonfinite:
+    if direction not in algorithm.inexact_nonfinite:
         return algorithm
     transformed = _functorch_active is None or _functorch_active()
     if not transformed and all(math.isfinite(tensor.sum().item()) for tensor in (input, weight, *more)):

@@ -120,10 +120,10 @@ def grouped(matrix: torch.Tensor, groups: int, group: int) -> torch.Tensor:
 
 class ShiftedGemm(ConvAlgorithm):
     name = "shifted_gemm"
+    inexact_nonfinite = frozenset({"backward"})  # the wide rows pair inputs with zero gradient rows
 
     def support(self) -> Support:
         return Support(
-            inexact_nonfinite=frozenset({"backward"}),  # the wide rows pair inputs with zero gradient rows
             notes="stride 1 only: kH*kW GEMMs on row-shifted slices of the padded NHWC input, no patch copy",
         )
 

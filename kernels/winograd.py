@@ -283,10 +283,10 @@ def _nchw_winograd(input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, i
 
 class Winograd(ConvAlgorithm):
     name = "winograd"
+    inexact_nonfinite = frozenset({"forward", "backward"})  # each transform mixes a whole tile (inf - inf = NaN)
 
     def support(self) -> Support:
         return Support(
-            inexact_nonfinite=frozenset({"forward", "backward"}),  # each transform mixes a whole tile (inf - inf = NaN)
             notes="3x3 stride 1, groups 1: Winograd F(2x2, 3x3), 16 batched GEMMs over 4x4 tiles (2.25x fewer flops); "
             "on CPU, once compiled for the problem's shapes, one pass per tile transform (kernels/compiled.py)",
         )

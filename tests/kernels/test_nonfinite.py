@@ -2,7 +2,7 @@
 
 An algorithm that multiplies by structural zeros (masked copies, wide rows, zero-padded reads) or mixes a
 whole tile (Winograd's transforms) would put NaN where torch has a number or an infinity; those run
-with im2col when an operand is not finite (`Support.inexact_nonfinite`, kernels/function.py).
+with im2col when an operand is not finite (`ConvAlgorithm.inexact_nonfinite`, kernels/function.py).
 """
 
 from __future__ import annotations
