@@ -37,7 +37,7 @@ def main(arguments: list[str]) -> int:
     if settings.processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Read by torch when each worker process imports it: the processes share the cores, not oversubscribe them.
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // settings.processes))
-    shared_dir = _shared_metrics_dir() if settings.processes > 1 and not os.environ.get(METRICS_DIR_VARIABLE) else None
+    shared_dir = _shared_metrics_dir() if settings.processes > 1 and not shared else None
     try:
         _serve(settings)
     finally:

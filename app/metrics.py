@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.admission import MemoryBudget
 from app.config import METRICS_DIR_VARIABLE
+from app.processes import alive
 from app.worker import DeviceWorker
 
 ENDPOINTS = ("/forward", "/backward", "/healthz", "/readyz", "/info", "/metrics")
@@ -126,18 +127,8 @@ def _forget_dead_processes(shared_dir: str) -> None:
     """Drop the live gauges of processes that are gone (a worker the supervisor restarted): their counts stay."""
     for name in os.listdir(shared_dir):
         match = _LIVE_GAUGE_FILE.fullmatch(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             multiprocess.mark_process_dead(int(match.group(1)), shared_dir)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _v2_endpoint(path: str) -> str:

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.errors import MalformedBody, Unavailable
 from app.problem import Problem, parse_problem
+from app.processes import alive
 
 log = logging.getLogger("app.parsing")
 
@@ -112,7 +113,7 @@ async def _answer(pool: ProcessPoolExecutor, future: asyncio.Future) -> Any:
         if done:
             return future.result()
         processes = list(getattr(pool, "_processes", None) or {})  # private to the executor; without it, no check
-        if all(_alive(pid) for pid in processes):
+        if all(alive(pid) for pid in processes):
             continue
         done, _ = await asyncio.wait({future}, timeout=HELPER_CHECK_S)  # the pool's own detection comes first
         if done:
@@ -140,21 +141,6 @@ def _unblock(thread: threading.Thread, results: Any) -> None:
             time.sleep(0.01)
         except OSError:
             return
-
-
-def _alive(pid: int) -> bool:
-    """Whether helper `pid` runs: not gone, not a zombie (a helper's exit is reaped by the pool only when it notices)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 class BodyParser:
