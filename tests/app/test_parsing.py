@@ -26,6 +26,16 @@ pytestmark = pytest.mark.anyio
 JSON = {"content-type": "application/json"}
 
 
+async def started_parser(app):
+    """The app's body parser once its helper processes have imported torch (seconds), failing after 60 s."""
+    for _ in range(1200):
+        if app.state.parser.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert app.state.parser.ready, "the body parser's helpers did not start within 60 s"
+    return app.state.parser
+
+
 def test_api_errors_pickle_with_their_detail() -> None:
     for error in (InvalidField(("input", "b64"), "bad"), TooLarge("over", headers=None)):
         copy = pickle.loads(pickle.dumps(error))
@@ -38,11 +48,7 @@ async def test_big_bodies_go_through_the_helper_process_which_exits_with_the_app
     x = torch.randn(1, 4, 128, 128, dtype=torch.float64, generator=generator)  # ~1.3 MB as nested lists
     w = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=generator)
     async with running(parse_processes=1) as (app, client):
-        parser = app.state.parser
-        for _ in range(1200):
-            if parser.ready:
-                break
-            await asyncio.sleep(0.05)
+        parser = await started_parser(app)
         helpers = list(parser._pool._processes.values())
         assert parser.ready and helpers and all(process.is_alive() for process in helpers)
         for dtype, compute_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -73,11 +79,7 @@ async def test_a_helper_that_dies_mid_answer_is_replaced_and_its_request_answere
     body = orjson.dumps({"input": to_json(x), "weight": to_json(w), "encoding": "base64", "parity": False})
     assert len(body) >= PROCESS_MIN_BYTES
     async with running(parse_processes=1) as (app, client):
-        parser = app.state.parser
-        for _ in range(1200):
-            if parser.ready:
-                break
-            await asyncio.sleep(0.05)
+        parser = await started_parser(app)
         wedged = parser._pool._executor_manager_thread
         monkeypatch.setattr(parsing, "_parse_remote", _die_mid_answer)  # the helper imports it from this module
         started = time.monotonic()

@@ -188,6 +188,12 @@ def refusal(case: Case, algorithm: str, dtype: torch.dtype = torch.float64, devi
     return None
 
 
+def unless_refused(case: Case, algorithm: str, *values, id: str):
+    """pytest.param(*values), skipped with the algorithm's own reason where it refuses `case` (as in `grid`)."""
+    why = refusal(case, algorithm)
+    return pytest.param(*values, id=id, marks=[pytest.mark.skip(reason=why)] if why else [])
+
+
 def grid(cases: list[Case], algorithms: list[str], dtypes: tuple[torch.dtype, ...], devices: list = DEVICES) -> list:
     """pytest.params of (case, algorithm, dtype, device).
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import kernels
 from kernels.tolerances import tolerance
-from tests.kernels.cases import ALGORITHMS, Case, make_inputs, refusal
+from tests.kernels.cases import ALGORITHMS, Case, make_inputs, unless_refused
 
 MODULE_CONFIGS = {
     "int_kernel": dict(in_channels=3, out_channels=4, kernel_size=3),
@@ -34,12 +34,11 @@ def as_case(config: dict) -> Case:
 
 
 def module_grid() -> list:
-    params = []
-    for name, config in MODULE_CONFIGS.items():
-        for algorithm in ALGORITHMS:
-            why = refusal(as_case(config), algorithm)
-            params.append(pytest.param(config, algorithm, id=f"{name}-{algorithm}", marks=[pytest.mark.skip(reason=why)] if why else []))
-    return params
+    return [
+        unless_refused(as_case(config), algorithm, config, algorithm, id=f"{name}-{algorithm}")
+        for name, config in MODULE_CONFIGS.items()
+        for algorithm in ALGORITHMS
+    ]
 
 
 @pytest.mark.parametrize(("config", "algorithm"), module_grid())
@@ -147,10 +146,7 @@ def test_zero_dim_integer_tensors_are_taken_as_ints_as_torch_takes_them():
 ZERO_CHANNELS = Case("zero_channels", in_channels=0, out_channels=3, padding=1, size=(5, 6))
 
 
-@pytest.mark.parametrize(
-    "algorithm",
-    [pytest.param(name, marks=[pytest.mark.skip(reason=why)] if (why := refusal(ZERO_CHANNELS, name)) else []) for name in ALGORITHMS],
-)
+@pytest.mark.parametrize("algorithm", [unless_refused(ZERO_CHANNELS, name, name, id=name) for name in ALGORITHMS])
 def test_zero_input_channels_give_the_bias_and_empty_gradients(algorithm: str):
     """An empty sum: every output is its bias, for every algorithm (they used to fail in their own ops, each
     differently). torch's F.conv2d returns an (N, 0, H_out, W_out) tensor here, which is no conv's shape."""
@@ -299,14 +295,12 @@ def _dual_tangent(conv, x, w, b):
 
 
 def transform_grid() -> list:
-    params = []
-    for case_name, case in TRANSFORM_CASES.items():
-        for algorithm in ALGORITHMS:
-            why = refusal(case, algorithm)
-            for transform in PLAIN_TRANSFORMS:
-                marks = [pytest.mark.skip(reason=why)] if why else []
-                params.append(pytest.param(case, algorithm, transform, id=f"{case_name}-{algorithm}-{transform}", marks=marks))
-    return params
+    return [
+        unless_refused(case, algorithm, case, algorithm, transform, id=f"{case_name}-{algorithm}-{transform}")
+        for case_name, case in TRANSFORM_CASES.items()
+        for algorithm in ALGORITHMS
+        for transform in PLAIN_TRANSFORMS
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.tolerances import tolerance
-from tests.kernels.cases import ALGORITHMS, Case, refusal
+from tests.kernels.cases import ALGORITHMS, Case, unless_refused
 
 NONFINITE_CASES = {
     "3x3": Case("nonfinite_3x3", in_channels=4, out_channels=4, size=(32, 32)),  # shifted_gemm needs little padding waste
@@ -24,12 +24,11 @@ NONFINITE_CASES = {
 
 
 def grid() -> list:
-    params = []
-    for name, case in NONFINITE_CASES.items():
-        for algorithm in ALGORITHMS:
-            why = refusal(case, algorithm)
-            params.append(pytest.param(case, algorithm, id=f"{name}-{algorithm}", marks=[pytest.mark.skip(reason=why)] if why else []))
-    return params
+    return [
+        unless_refused(case, algorithm, case, algorithm, id=f"{name}-{algorithm}")
+        for name, case in NONFINITE_CASES.items()
+        for algorithm in ALGORITHMS
+    ]
 
 
 def poisoned(shape: tuple[int, ...], seed: int) -> torch.Tensor:
