@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from app.memory import keep_freed_memory
-from kernels import compiled
+from kernels import compiled, gemm
 
 BATCH = 4
 
@@ -77,6 +77,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "mkldnn": torch.backends.mkldnn.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gemm": gemm.backend(),  # what "auto" measured on this CPU (kernels/gemm.py)
     }
 
 
@@ -91,10 +92,23 @@ def _devices(name: str) -> list[str]:
 
 
 def _conv(provider: str, shape: Shape) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """provider: nn.Conv2d, one of our algorithms, or ALGORITHM@BACKEND with a GEMM backend (kernels/gemm.py)."""
     args = (None, shape.stride, shape.padding, 1, shape.groups)
     if provider == TORCH:
         return lambda x, w: F.conv2d(x, w, *args)
-    return lambda x, w: kernels.conv2d(x, w, *args, algorithm=provider)
+    algorithm, _, backend = provider.partition("@")
+    if not backend:
+        return lambda x, w: kernels.conv2d(x, w, *args, algorithm=algorithm)
+
+    def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        previous = gemm._state.setting
+        gemm.set_backend(backend)
+        try:
+            return kernels.conv2d(x, w, *args, algorithm=algorithm)
+        finally:
+            gemm.set_backend(previous)
+
+    return conv
 
 
 # wall: what a user waits. cpu: this process's CPU time, all threads; on a machine shared with other
@@ -205,7 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="all", help=f"comma-separated shape names or aliases {sorted(ALIASES)}; default all")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per provider (median reported)")
-    parser.add_argument("--providers", default="all", help=f"comma-separated subset of {providers()}; nn.Conv2d always runs")
+    parser.add_argument(
+        "--providers",
+        default="all",
+        help=f"comma-separated subset of {providers()}, each optionally NAME@onednn or NAME@torch (a GEMM backend); nn.Conv2d always runs",
+    )
     parser.add_argument("--channels-last", action="store_true", help="feed channels_last input (default NCHW contiguous)")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"images per call (default {BATCH}; the service's usual request is 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
@@ -245,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = machine()
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']}, mkldnn={info['mkldnn']})")
+    print(
+        f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']}, mkldnn={info['mkldnn']}); "
+        f"GEMMs: {info['gemm']}"
+    )
     print(
         f"batch {args.batch}, float32, {layout} input, no bias, grads for input and weight; {args.clock} clock, median of {args.reps} interleaved reps; "
         f"malloc {args.malloc}; compile {args.compile}"

@@ -363,5 +363,6 @@ def conv2d(
     if _differentiable(input, weight, bias):
         output = _apply(*arguments)
     else:  # nothing to differentiate or transform: skip the autograd node (~30 us, most of a tiny conv's time)
-        output = _forward(*arguments)
+        with torch.no_grad():  # as inside the Function: compiled paths (kernels/compiled.py) refuse grad mode
+            output = _forward(*arguments)
     return output.squeeze(0) if unbatched else output

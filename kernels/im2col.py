@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, register
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
@@ -194,13 +195,14 @@ def _fold_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: Conv
     if batch == 0:
         return grad_output.new_zeros(0, in_per_group * groups, *padded_hw)
     grad = grad_output.reshape(batch, out_channels, grad_output.shape[2] * grad_output.shape[3])  # (N, C_out, L): a view for NCHW
-    matrices = weight.reshape(groups, out_per_group, in_per_group * kernel_h * kernel_w).transpose(1, 2)  # (g, C_in/g*kH*kW, C_out/g)
+    # (g, C_in/g*kH*kW, C_out/g), row-major: the layout oneDNN's GEMM takes without a copy per image (kernels/gemm.py)
+    matrices = weight.reshape(groups, out_per_group, in_per_group * kernel_h * kernel_w).transpose(1, 2).contiguous()
     images = _fold_images(weight.shape, groups, grad.shape[2], grad.element_size())
     blocks = []
     for start in range(0, batch, images):
         block = grad[start : start + images]
         columns = [
-            torch.bmm(matrices[g].expand(block.shape[0], -1, -1), block[:, g * out_per_group : (g + 1) * out_per_group])
+            gemm.bmm(matrices[g].expand(block.shape[0], -1, -1), block[:, g * out_per_group : (g + 1) * out_per_group])
             for g in range(groups)
         ]
         columns = columns[0] if groups == 1 else torch.cat(columns, dim=1)  # (N_b, C_in*kH*kW, L), channel-major
@@ -252,7 +254,7 @@ class Im2col(ConvAlgorithm):
                 columns = _grouped_columns(patches, spec.groups)
                 block = output[images, rows].view(-1, out_channels)
                 if spec.groups == 1:
-                    torch.mm(columns[0], weights[0], out=block)
+                    gemm.mm(columns[0], weights[0], out=block)
                 else:
                     block.view(-1, spec.groups, out_channels // spec.groups).copy_(torch.bmm(columns, weights).transpose(0, 1))
         if bias is not None:
@@ -277,7 +279,7 @@ class Im2col(ConvAlgorithm):
             columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), 1)
             columns = columns.view(images.stop - images.start, -1, weight_rows.shape[1])
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
-            torch.matmul(weight_rows, columns.transpose(1, 2), out=block)
+            gemm.bmm(weight_rows.expand(columns.shape[0], -1, -1), columns.transpose(1, 2), out=block)
         if bias is not None:
             output += bias.view(-1, 1)
         return output.view(batch, out_channels, out_height, out_width)
@@ -321,7 +323,7 @@ class Im2col(ConvAlgorithm):
                     )
                     columns[:, :, p::stride_h, q::stride_w] = window
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
-            torch.matmul(weight_rows, matrix, out=block)
+            gemm.bmm(weight_rows.expand(count, -1, -1), matrix, out=block)
         return output.view(batch, out_channels, out_height, out_width)
 
     def _depthwise_forward(self, padded, weight, spec, out_height, out_width):
@@ -379,7 +381,7 @@ class Im2col(ConvAlgorithm):
                 if torch.is_grad_enabled():  # double backward: no out=
                     grad_columns = torch.bmm(grad_block, weights.transpose(1, 2))
                 else:
-                    torch.bmm(grad_block, weights.transpose(1, 2), out=grad_columns)
+                    gemm.bmm(grad_block, weights.transpose(1, 2), out=grad_columns)
                 self._col2im(grad_columns, grad_padded[images], spec, weight.shape, rows, out_width)
         return _weight_from_matrix(grad_matrix, weight.shape) if need_weight else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
@@ -75,7 +76,7 @@ class Pointwise(ConvAlgorithm):
         images = pixels.reshape(batch, input.shape[1], out_height * out_width)  # (N, C_in, L): a view when contiguous
         column = None if bias is None else bias.view(-1, 1)
         # bmm against the expanded (stride-0) weight: torch.matmul would copy the batch into one matrix.
-        blocks = [torch.bmm(matrix[o].expand(batch, -1, -1), images[:, i]) for i, o in zip(ins, outs)]
+        blocks = [gemm.bmm(matrix[o].expand(batch, -1, -1), images[:, i]) for i, o in zip(ins, outs)]
         output = blocks[0] if spec.groups == 1 else torch.cat(blocks, dim=1)
         if column is not None:
             output = output + column if torch.is_grad_enabled() else output.add_(column)
@@ -83,7 +84,7 @@ class Pointwise(ConvAlgorithm):
 
     @staticmethod
     def _mm(rows: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.mm(rows, matrix) if bias is None else torch.addmm(bias, rows, matrix)
+        return gemm.mm(rows, matrix, bias=bias)
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
         if input.dtype in HALF:
@@ -100,7 +101,7 @@ class Pointwise(ConvAlgorithm):
             grad_weight = [grad[:, o].t() @ rows[:, i] for i, o in zip(ins, outs)] if need_weight else None
             grad_pixels = None
             if need_input:
-                blocks = [grad[:, o] @ matrix[o] for o in outs]
+                blocks = [gemm.mm(grad[:, o], matrix[o]) for o in outs]
                 grad_rows = blocks[0] if spec.groups == 1 else torch.cat(blocks, dim=1)
                 grad_pixels = grad_rows.view(batch, out_height, out_width, in_channels).permute(0, 3, 1, 2)
         else:
@@ -109,7 +110,7 @@ class Pointwise(ConvAlgorithm):
             grad_weight = [_sum_over_images(grad[:, o], images[:, i]) for i, o in zip(ins, outs)] if need_weight else None
             grad_pixels = None
             if need_input:
-                blocks = [torch.bmm(matrix[o].t().expand(batch, -1, -1), grad[:, o]) for o in outs]
+                blocks = [gemm.bmm(matrix[o].t().contiguous().expand(batch, -1, -1), grad[:, o]) for o in outs]
                 grad_pixels = (blocks[0] if spec.groups == 1 else torch.cat(blocks, dim=1)).view(batch, in_channels, out_height, out_width)
         if grad_weight is not None:
             grad_weight = torch.cat(grad_weight, dim=0).view(weight.shape)

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from kernels import winograd_compiled
+from kernels import gemm, winograd_compiled
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, get, register
 from kernels.im2col import _row_blocks
 from kernels.limits import get_limits
@@ -195,7 +195,7 @@ def _winograd_conv(grid: torch.Tensor, out_hw: tuple[int, int], transformed: tor
     for images, rows in blocks:
         positions = (images.stop - images.start) * (rows.stop - rows.start) * tiles_w
         tiles = _input_transform(grid, images, rows, tile_buffer(positions, channels))
-        products = torch.bmm(tiles, transformed, out=product_buffer(positions, out_channels))
+        products = gemm.bmm(tiles, transformed, out=product_buffer(positions, out_channels))
         _output_transform(products, output, images, rows)
     return output[:, : out_hw[0], : out_hw[1]]
 
@@ -264,7 +264,7 @@ def _nchw_winograd(input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, i
             torch.sub(cols[2], cols[1], out=tiles[a, 2])
             torch.sub(cols[1], cols[3], out=tiles[a, 3])
         products = product_buffer[: 16 * count * out_channels * positions].view(16, out_channels, count * positions)
-        torch.bmm(transformed, tiles.view(16, channels, count * positions), out=products)
+        gemm.bmm(transformed, tiles.view(16, channels, count * positions), out=products)
         by_tile = products.view(4, 4, out_channels, count, block_rows, tiles_w)
         mixed = scratch("winograd_rows", 10 * count * out_channels * positions, input)
         mixed = mixed.view(10, out_channels, count, block_rows, tiles_w)

@@ -4,11 +4,14 @@ The eager transforms (kernels/winograd.py) are ~30 elementwise passes through sc
 as much time as the 16 GEMMs they feed (64x56 at batch 4: 6.8 vs 7.4 ms). Compiled, each transform is
 one pass:
 
-    forward      input -> column phases (eager copy) -> V = B^T d B (compiled) -> M = U V (bmm)
+    forward      input -> column phases (eager copy) -> V = B^T d B (compiled) -> M = U V (16 GEMMs)
                  -> Y = A^T M A + bias (compiled, written NCHW)
     grad_input   the same, on grad_output padded by 2 - padding, with the kernel flipped and transposed
     grad_weight  V as in forward, dM = A dY A^T (compiled, from the grad's column phases),
-                 dU = V dM^T (bmm), dW = G^T dU G
+                 dU = V dM^T (16 GEMMs), dW = G^T dU G
+
+The GEMMs go through kernels/gemm.py (oneDNN's or torch's, whichever is faster on this CPU), so the
+output transform takes the 16 products as separate tensors: stacking them would copy them all.
 
 The column phases ([c, n, r, q, t] = padded[n, c, r, 2t + q], `winograd._column_phases`) stay an eager
 copy: read straight from the padded input, the transform's stride-2 loads ran 3.4x slower (64x56:
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import compiled
+from kernels import compiled, gemm
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 
@@ -53,18 +56,18 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     # Both transforms' keys first (meta stand-ins), so that the first call queues both compiles.
     split_shape = (channels, batch, 2 * tiles_h + 2, 2, tiles_w + 1)
-    products_like = torch.empty(16, out_channels, positions, dtype=input.dtype, device="meta")
+    products_like = [torch.empty(out_channels, positions, dtype=input.dtype, device="meta")] * 16
     bias_like = None if bias is None else torch.empty_like(bias, device="meta")
     stages_ready = [
         compiled.ready(_input_tiles, torch.empty(split_shape, dtype=input.dtype, device="meta")),
-        compiled.ready(_output_tiles, products_like, bias_like, batch, tiles_h, tiles_w),
+        compiled.ready(_output_tiles, bias_like, batch, tiles_h, tiles_w, *products_like),
     ]
     if not all(stages_ready):
         return None
     split, _, _ = _column_phases(input, pads)
     tiles = compiled.run(_input_tiles, split)
-    products = torch.bmm(_transformed_weight(weight).transpose(1, 2), tiles)  # (16, K, P): U[xi] (K, C) @ V[xi] (C, P)
-    output = compiled.run(_output_tiles, products, bias, batch, tiles_h, tiles_w)
+    products = gemm.products(_transformed_weight(weight).transpose(1, 2), tiles)  # 16 x (K, P): U[xi] (K, C) @ V[xi]
+    output = compiled.run(_output_tiles, bias, batch, tiles_h, tiles_w, *products)
     return output[:, :, :out_height, :out_width]
 
 
@@ -100,7 +103,7 @@ def grad_weight(
     # The grad's phases reuse the input's scratch buffer: V is already computed from it. Padding (0, 2, 0, 2)
     # keeps H_out x W_out as the "output" size, so the phases hold the grad rounded up to whole tiles.
     grad_tiles = compiled.run(_grad_tiles, _column_phases(grad_output, (0, 2, 0, 2))[0])  # dM (16, K, P)
-    transformed = torch.bmm(tiles, grad_tiles.transpose(1, 2))  # dU (16, C, K)
+    transformed = gemm.bmm(tiles, grad_tiles.transpose(1, 2))  # dU (16, C, K)
     flat = _kron_g(weight).t() @ transformed.view(16, channels * out_channels)  # (9, C*K), as kernels/winograd.py
     return flat.view(3, 3, channels, out_channels).permute(3, 2, 0, 1).contiguous()
 
@@ -120,15 +123,17 @@ def _input_tiles(split: torch.Tensor) -> torch.Tensor:
     return torch.stack(tiles).reshape(16, channels, batch * tiles_h * tiles_w)
 
 
-def _output_tiles(products: torch.Tensor, bias: torch.Tensor | None, batch: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """products M (16, K, N*T_h*T_w) -> Y = A^T M A (N, K, 2*T_h, 2*T_w), plus bias (K,).
+def _output_tiles(bias: torch.Tensor | None, batch: int, tiles_h: int, tiles_w: int, *products: torch.Tensor) -> torch.Tensor:
+    """products M[xi] (K, N*T_h*T_w), 16 of them -> Y = A^T M A (N, K, 2*T_h, 2*T_w), plus bias (K,).
 
     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], applied to the rows, then the columns, of each 4x4 tile.
     """
-    channels = products.shape[1]
-    tiles = products.view(4, 4, channels, batch, tiles_h, tiles_w)
+    channels = products[0].shape[0]
+    tiles = [[products[4 * row + column].view(channels, batch, tiles_h, tiles_w) for column in range(4)] for row in range(4)]
     outputs = []
-    for mixed in (tiles[0] + tiles[1] + tiles[2], tiles[1] - tiles[2] - tiles[3]):  # output row u of every tile: (4, K, N, T_h, T_w)
+    top = [first + second + third for first, second, third in zip(tiles[0], tiles[1], tiles[2])]
+    bottom = [second - third - fourth for second, third, fourth in zip(tiles[1], tiles[2], tiles[3])]
+    for mixed in (top, bottom):  # output row u of every tile, per tile column: 4 x (K, N, T_h, T_w)
         outputs += [mixed[0] + mixed[1] + mixed[2], mixed[1] - mixed[2] - mixed[3]]
     # outputs[2u + v] is output (2ty + u, 2tx + v): (u, v, K, N, T_h, T_w) -> (N, K, T_h, u, T_w, v)
     output = torch.stack(outputs).view(2, 2, channels, batch, tiles_h, tiles_w).permute(3, 2, 4, 0, 5, 1)

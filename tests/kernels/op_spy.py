@@ -11,9 +11,12 @@ import sys
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-FORBIDDEN = ("convolution", "conv2d", "conv_transpose", "cudnn", "mkldnn", "thnn_conv", "conv_depthwise")
+# oneDNN's conv ops are caught by name ("mkldnn_convolution", "mkldnn._convolution_pointwise",
+# "mkldnn_reorder_conv2d_weight"); its matmul (mkldnn._linear_pointwise) is a GEMM, which kernels/gemm.py uses.
+FORBIDDEN = ("convolution", "conv2d", "conv_transpose", "cudnn", "thnn_conv", "conv_depthwise")
 # Prefixes of the ops that do a conv's multiplies (in-place variants included: addcmul_, mul_).
 MULTIPLIES = (
+    "mkldnn._linear_pointwise",
     "aten.mm",
     "aten.bmm",
     "aten.addmm",

@@ -1,0 +1,140 @@
+"""The CPU algorithms' big matrix products: oneDNN's matmul where it beats torch's BLAS on this CPU.
+
+Why: torch's CPU matmul calls MKL, and MKL takes its generic code path on CPUs it does not recognise.
+On this project's machines since 2026-11-28 (AMD EPYC with AVX-512, 2 threads) MKL ran our GEMMs at
+190-210 GFLOP/s and oneDNN's matmul, which JIT-compiles for the CPU it finds, at 360-410 GFLOP/s: the
+Winograd, im2col and 1x1 GEMMs of the benchmark shapes took 1.7-2.4x longer through MKL
+(docs/performance.md, round 18). On the earlier AVX2 EPYC the two were within -10%..+23% of each other.
+
+So the backend is measured, not assumed: the first product big enough to matter times both on one
+fixed GEMM and keeps oneDNN only if it is clearly faster (`ONEDNN_MARGIN`). The only entry point to
+oneDNN's fp32 matmul in torch is `torch.ops.mkldnn._linear_pointwise`, a private op (Inductor's): it
+is used only where it exists and only as a plain GEMM, never for a convolution.
+
+oneDNN's op has no autograd formula, no batching rule and no out= form, so `linear` keeps torch's
+matmul wherever autograd records (double backward), under torch.func transforms, in traced code,
+for float64 and for products too small to pay its ~10 us call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from torch.autograd import forward_ad
+
+BACKENDS = ("auto", "onednn", "torch")
+
+# Below this many multiply-adds oneDNN's per-call cost (~10 us here) outweighs its faster loop
+# (measured, 2 threads: 1M MACs a tie, 2M 34 vs 41 us, 4M 52 vs 77 us).
+MIN_MACS = 1 << 21
+
+# oneDNN is kept when the calibration GEMM runs at least this much faster through it (on a CPU where
+# the two are close, torch's matmul is the one with out= buffers and no private op).
+ONEDNN_MARGIN = 1.15
+
+_onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.setting = "auto"
+        self.chosen: str | None = None  # what "auto" measured, once per process
+        self.lock = threading.Lock()
+
+
+_state = _State()
+
+
+def set_backend(name: str) -> None:
+    """Backend for big float32 CPU products: "auto" (measure once), "onednn" (where it can run) or "torch" (torch.matmul)."""
+    if name not in BACKENDS:
+        raise ValueError(f"GEMM backend must be one of {list(BACKENDS)}, got {name!r}")
+    _state.setting = name
+
+
+def backend() -> str:
+    """The backend big float32 CPU products take now: "onednn" or "torch" (measures once under "auto")."""
+    if _state.setting == "torch" or not _onednn_available():
+        return "torch"
+    if _state.setting == "onednn":
+        return "onednn"
+    if _state.chosen is None:
+        with _state.lock:
+            if _state.chosen is None:
+                _state.chosen = _calibrate()
+    return _state.chosen
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.mm(a, b) (torch.addmm(bias, a, b) with a bias (N,)): a (M, K) @ b (K, N) -> (M, N), or into out (any view)."""
+    if _onednn_for(a, b, bias):
+        product = _onednn_linear(a, b.t(), bias, "none", [], "")
+        return product if out is None else out.copy_(product)
+    if bias is not None:
+        return torch.addmm(bias, a, b, out=out) if out is not None else torch.addmm(bias, a, b)
+    return torch.matmul(a, b, out=out) if out is not None else torch.mm(a, b)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.bmm(a, b): a (B, M, K) @ b (B, K, N) -> (B, M, N), or into out (any view). a may be expanded
+    (stride 0 over B: one matrix against a batch); through oneDNN that is B GEMMs, each copied into place."""
+    if a.shape[0] and _onednn_for(a[0], b[0]):
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[2]) if out is None else out
+        for index in range(a.shape[0]):
+            out[index].copy_(_onednn_linear(a[index], b[index].t(), None, "none", [], ""))
+        return out
+    return torch.bmm(a, b, out=out) if out is not None else torch.bmm(a, b)
+
+
+def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """torch.bmm(a, b).unbind(0), except that through oneDNN each product is its own tensor (no copy into a batch):
+    for a consumer that reads the B products separately (Winograd's output transform)."""
+    if a.shape[0] and _onednn_for(a[0], b[0]):
+        return tuple(_onednn_linear(a[index], b[index].t(), None, "none", [], "") for index in range(a.shape[0]))
+    return torch.bmm(a, b).unbind(0)
+
+
+def _onednn_for(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether a (M, K) @ b (K, N) goes through oneDNN: as its x (row-major) and w = b^T (any strides)."""
+    if bias is not None and (bias.dtype != torch.float32 or (bias.requires_grad and torch.is_grad_enabled())):
+        return False
+    return _may_use_onednn(a, b.t()) and backend() == "onednn"
+
+
+def _may_use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        return False
+    if x.shape[0] * x.shape[1] * w.shape[0] < MIN_MACS or not x.is_contiguous():  # a strided x is copied first
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    if _functorch_active is None or _functorch_active() or getattr(forward_ad, "_current_level", 0) >= 0:
+        return False
+    return type(x) is torch.Tensor and type(w) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _onednn_available() -> bool:
+    return _onednn_linear is not None and torch.backends.mkldnn.is_available()
+
+
+def _calibrate() -> str:
+    """Time one (1024 x 256) @ (256 x 64) product (16M MACs) both ways, interleaved; medians of 5."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(1024, 256, generator=generator), torch.randn(64, 256, generator=generator)
+        products = {"onednn": lambda: _onednn_linear(x, w, None, "none", [], ""), "torch": lambda: torch.mm(x, w.t())}
+        if not torch.allclose(products["onednn"](), products["torch"](), rtol=1e-4, atol=1e-3):
+            return "torch"
+        times: dict[str, list[float]] = {name: [] for name in products}
+        for _ in range(6):
+            for name, product in products.items():
+                start = time.perf_counter()
+                product()
+                times[name].append(time.perf_counter() - start)
+        medians = {name: sorted(values[1:])[2] for name, values in times.items()}  # the first call warms up
+    except RuntimeError:  # a torch whose op rejects these arguments
+        return "torch"
+    return "onednn" if medians["torch"] >= ONEDNN_MARGIN * medians["onednn"] else "torch"
