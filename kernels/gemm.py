@@ -30,6 +30,10 @@ BACKENDS = ("auto", "onednn", "torch")
 # (measured, 2 threads: 1M MACs a tie, 2M 34 vs 41 us, 4M 52 vs 77 us).
 MIN_MACS = 1 << 21
 
+# A strided x (a transposed view, say) is copied to row-major first, which pays off from this many output columns
+# (the copy is M*K elements, the product M*K*N multiply-adds).
+COPY_MIN_COLUMNS = 32
+
 # oneDNN is kept when the calibration GEMM runs at least this much faster through it (on a CPU where
 # the two are close, torch's matmul is the one with out= buffers and no private op).
 ONEDNN_MARGIN = 1.15
@@ -71,7 +75,7 @@ def backend() -> str:
 def mm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """torch.mm(a, b) (torch.addmm(bias, a, b) with a bias (N,)): a (M, K) @ b (K, N) -> (M, N), or into out (any view)."""
     if _onednn_for(a, b, bias):
-        product = _onednn_linear(a, b.t(), bias, "none", [], "")
+        product = _onednn_linear(a.contiguous(), b.t(), bias, "none", [], "")
         return product if out is None else out.copy_(product)
     if bias is not None:
         return torch.addmm(bias, a, b, out=out) if out is not None else torch.addmm(bias, a, b)
@@ -84,7 +88,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) ->
     if a.shape[0] and _onednn_for(a[0], b[0]):
         out = a.new_empty(a.shape[0], a.shape[1], b.shape[2]) if out is None else out
         for index in range(a.shape[0]):
-            out[index].copy_(_onednn_linear(a[index], b[index].t(), None, "none", [], ""))
+            out[index].copy_(_onednn_linear(a[index].contiguous(), b[index].t(), None, "none", [], ""))
         return out
     return torch.bmm(a, b, out=out) if out is not None else torch.bmm(a, b)
 
@@ -93,8 +97,13 @@ def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """torch.bmm(a, b).unbind(0), except that through oneDNN each product is its own tensor (no copy into a batch):
     for a consumer that reads the B products separately (Winograd's output transform)."""
     if a.shape[0] and _onednn_for(a[0], b[0]):
-        return tuple(_onednn_linear(a[index], b[index].t(), None, "none", [], "") for index in range(a.shape[0]))
+        return tuple(_onednn_linear(a[index].contiguous(), b[index].t(), None, "none", [], "") for index in range(a.shape[0]))
     return torch.bmm(a, b).unbind(0)
+
+
+def onednn_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `mm(a, b)` would run on oneDNN: for callers whose best form differs between the backends."""
+    return _onednn_for(a, b)
 
 
 def _onednn_for(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -107,7 +116,9 @@ def _onednn_for(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = No
 def _may_use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
         return False
-    if x.shape[0] * x.shape[1] * w.shape[0] < MIN_MACS or not x.is_contiguous():  # a strided x is copied first
+    if x.shape[0] * x.shape[1] * w.shape[0] < MIN_MACS:
+        return False
+    if not x.is_contiguous() and w.shape[0] < COPY_MIN_COLUMNS:  # oneDNN's op copies a strided x: worth it for enough columns
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False

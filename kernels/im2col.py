@@ -374,7 +374,10 @@ class Im2col(ConvAlgorithm):
             grad_block = grad_nhwc[images, rows].reshape(-1, groups, out_channels // groups).transpose(0, 1)
             if need_weight:
                 columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
-                grad_matrix = grad_matrix + torch.bmm(columns.transpose(1, 2), grad_block)
+                if groups == 1:  # as (C_out, M) @ (M, K): the operand oneDNN wants row-major is the small one
+                    grad_matrix = grad_matrix + gemm.mm(grad_block[0].t(), columns[0]).t().unsqueeze(0)
+                else:
+                    grad_matrix = grad_matrix + torch.bmm(columns.transpose(1, 2), grad_block)
             if grad_padded is not None:
                 grad_columns = scratch("im2col_grad_columns", grad_block.shape[0] * grad_block.shape[1] * weights.shape[1], grad_block)
                 grad_columns = grad_columns.view(grad_block.shape[0], grad_block.shape[1], weights.shape[1])
