@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         "in a background thread (needs a C++ compiler; the eager path serves until then, and for good if compiling fails), "
         "or off (kernels/compiled.py).",
     )
+    gemm: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="The CPU algorithms' big float32 matrix products: auto (time oneDNN's matmul against torch's BLAS once "
+        "at start-up and keep the faster), onednn, or torch (kernels/gemm.py; GET /info cpu_gemm says which runs).",
+    )
     log_level: LogLevel = Field("info", description="uvicorn and app log level.")
     api_key: SecretStr | None = Field(None, description="When set, /forward and /backward need Authorization: Bearer <key>.")
 

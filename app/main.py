@@ -24,7 +24,7 @@ from app.routes import backward, forward, health, info, v2
 from app.schemas import BackwardRequest, ForwardRequest
 from app.v2 import errors as v2_errors
 from app.worker import DeviceWorker
-from kernels import compiled
+from kernels import compiled, gemm
 
 log = logging.getLogger("app")
 
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kernels.set_limits(reference_max_macs=settings.reference_max_macs, im2col_workspace_bytes=settings.workspace_bytes)
         compiled.set_mode(settings.compile)
+        gemm.set_backend(settings.gemm)
         if settings.malloc_reuse:
             memory.keep_freed_memory()
         workers = {name: DeviceWorker(torch.device(name), settings.queue_size, settings.retry_after_s) for name in devices}

@@ -101,6 +101,11 @@ def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.bmm(a, b).unbind(0)
 
 
+def routes_to_onednn(dtype: torch.dtype) -> bool:
+    """Whether big CPU products of `dtype` go through oneDNN here: for callers that pick a GEMM orientation."""
+    return dtype == torch.float32 and backend() == "onednn"
+
+
 def onednn_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `mm(a, b)` would run on oneDNN: for callers whose best form differs between the backends."""
     return _onednn_for(a, b)

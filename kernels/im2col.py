@@ -243,7 +243,7 @@ class Im2col(ConvAlgorithm):
         batch = padded.shape[0]
         if _is_depthwise(weight, spec.groups):
             output = self._depthwise_forward(padded, weight, spec, out_height, out_width)
-        elif spec.groups == 1 and input.is_contiguous():
+        elif spec.groups == 1 and input.is_contiguous() and not gemm.routes_to_onednn(input.dtype):
             return self._nchw_forward(padded, weight, bias, spec, (out_height, out_width))
         else:
             output = padded.new_empty(batch, out_height, out_width, out_channels)
@@ -267,7 +267,10 @@ class Im2col(ConvAlgorithm):
 
         The same GEMM as the NHWC one with the operands swapped (MKL runs it as fast), but the result
         is already NCHW, which saves the NHWC -> NCHW copy of the output that NCHW callers get
-        (measured on the 7x7 stem, 1 thread: 1.5 ms of a 9 ms forward).
+        (measured on the 7x7 stem, 1 thread: 1.5 ms of a 9 ms forward). Not where the GEMMs go through
+        oneDNN (kernels/gemm.py): its per-image GEMMs are copied into place, and one GEMM over the whole
+        block in the NHWC orientation plus the output copy is faster (128x28 s2: 1.32-1.35x nn.Conv2d's
+        forward against 1.62x, round 18).
         """
         out_channels, _, kernel_h, kernel_w = weight.shape
         batch = padded.shape[0]

@@ -13,7 +13,7 @@ import kernels
 from app.codec import DTYPE_NAMES
 from app.deps import SettingsDep, WorkersDep
 from app.service import default_device
-from kernels import compiled
+from kernels import compiled, gemm
 from kernels.tolerances import TOLERANCES
 
 router = APIRouter()
@@ -53,6 +53,7 @@ async def info(settings: SettingsDep, workers: WorkersDep) -> dict[str, Any]:
         "default_device": default_device(settings, workers) if workers else None,
         "algorithms": kernels.algorithms(),
         "compiled_kernels": compiled.stats(),
+        "cpu_gemm": gemm.backend(),
         "dtypes": {DTYPE_NAMES[dtype]: {"atol": atol, "rtol": rtol} for dtype, (atol, rtol) in TOLERANCES.items()},
         "encodings": ["list", "flat", "base64"],
         "non_finite": {"NaN": "NaN", "+inf": "Infinity", "-inf": "-Infinity"},

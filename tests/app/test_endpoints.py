@@ -16,6 +16,7 @@ from app.config import Settings
 from app.main import create_app
 from app.metrics import _forget_dead_processes
 from app.schemas import BACKWARD_EXAMPLE, FORWARD_EXAMPLE
+from kernels import gemm
 from tests.app.conftest import running
 
 pytestmark = pytest.mark.anyio
@@ -63,6 +64,16 @@ async def test_info(client) -> None:
         info["limits"]
     )
     assert info["auth"] is False
+    assert info["cpu_gemm"] == gemm.backend() and info["cpu_gemm"] in ("onednn", "torch")
+
+
+async def test_gemm_setting_forces_the_backend(monkeypatch) -> None:
+    """CONV_GEMM=torch keeps every CPU product on torch's BLAS, whatever the calibration would pick."""
+    monkeypatch.setattr(gemm._state, "setting", gemm._state.setting)  # restored after the test: it is process-wide
+    async with running(gemm="torch") as (_, client):
+        assert (await client.get("/info")).json()["cpu_gemm"] == "torch"
+        answer = await client.post("/forward", json={**FORWARD_EXAMPLE, "algorithm": "im2col"})
+        assert answer.status_code == 200 and answer.json()["parity"]["ok"] is True
 
 
 async def test_metrics_names(client) -> None:
