@@ -6,18 +6,21 @@ On this project's machines since 2026-11-28 (AMD EPYC with AVX-512, 2 threads) M
 Winograd, im2col and 1x1 GEMMs of the benchmark shapes took 1.7-2.4x longer through MKL
 (docs/performance.md, round 18). On the earlier AVX2 EPYC the two were within -10%..+23% of each other.
 
-So the backend is measured, not assumed: the first product big enough to matter times both on one
-fixed GEMM and keeps oneDNN only if it is clearly faster (`ONEDNN_MARGIN`). The only entry point to
-oneDNN's fp32 matmul in torch is `torch.ops.mkldnn._linear_pointwise`, a private op (Inductor's): it
-is used only where it exists and only as a plain GEMM, never for a convolution.
+So the backend is measured, not assumed: the first product big enough to matter (or the service's
+warm-up) times both on one fixed GEMM and keeps oneDNN only if it is clearly faster (`ONEDNN_MARGIN`);
+`set_backend` (the service's CONV_GEMM) pins one. The only entry point to oneDNN's fp32 matmul in torch
+is `torch.ops.mkldnn._linear_pointwise`, a private op (Inductor's): it is used only where it exists and
+only as a plain GEMM, never for a convolution (those stay the oracle's).
 
-oneDNN's op has no autograd formula, no batching rule and no out= form, so `linear` keeps torch's
-matmul wherever autograd records (double backward), under torch.func transforms, in traced code,
-for float64 and for products too small to pay its ~10 us call.
+`mm`, `bmm` and `products` mirror torch.mm / torch.bmm. oneDNN's op has no autograd formula, no batching
+rule and no out= form, so they keep torch's matmul wherever autograd records (double backward), under
+torch.func transforms, in traced code, for float64 and for products too small to pay its ~10 us call;
+an out= result from oneDNN is copied into place.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -50,6 +53,15 @@ class _State:
 
 
 _state = _State()
+
+
+def _after_fork_in_child() -> None:
+    """A lock held by a parent's thread at the fork would never be released in the child."""
+    _state.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_backend(name: str) -> None:
@@ -151,6 +163,6 @@ def _calibrate() -> str:
                 product()
                 times[name].append(time.perf_counter() - start)
         medians = {name: sorted(values[1:])[2] for name, values in times.items()}  # the first call warms up
-    except RuntimeError:  # a torch whose op rejects these arguments
+    except Exception:  # a torch whose op has another signature or rejects these arguments: torch's matmul stays
         return "torch"
     return "onednn" if medians["torch"] >= ONEDNN_MARGIN * medians["onednn"] else "torch"
