@@ -32,9 +32,10 @@ def _sum_over_images(grad: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """sum_n grad[n] @ images[n]^T: (N, C_out, L), (N, C_in, L) -> (C_out, C_in), in one addbmm.
 
     addbmm sums the per-image products without an (N, C_out, C_in) intermediate; measured against an
-    addmm_ per image (2 threads): a tie at batch 1-8, 1.25x faster at 32 images, 1.9x at 256.
+    addmm_ per image (2 threads): a tie at batch 1-8, 1.25x faster at 32 images, 1.9x at 256. Where the
+    GEMMs go through oneDNN (kernels/gemm.py), which has no batched form, it is one GEMM per image and a sum.
     """
-    if grad.shape[0] and gemm.onednn_takes(grad[0], images[0].t()):  # one oneDNN GEMM per image (no batched form): the sum is small
+    if grad.shape[0] and gemm.onednn_takes(grad[0], images[0].t()):
         return torch.stack([gemm.mm(grad[n], images[n].t()) for n in range(grad.shape[0])]).sum(dim=0)
     return torch.addbmm(grad.new_zeros(grad.shape[1], images.shape[1]), grad, images.transpose(1, 2))
 
@@ -100,7 +101,7 @@ class Pointwise(ConvAlgorithm):
         if _channels_last(grad_output) or _channels_last(pixels):
             grad = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (N*L, C_out)
             rows = pixels.permute(0, 2, 3, 1).reshape(-1, in_channels)
-            grad_weight = [grad[:, o].t() @ rows[:, i] for i, o in zip(ins, outs)] if need_weight else None
+            grad_weight = [gemm.mm(grad[:, o].t(), rows[:, i]) for i, o in zip(ins, outs)] if need_weight else None
             grad_pixels = None
             if need_input:
                 blocks = [gemm.mm(grad[:, o], matrix[o]) for o in outs]

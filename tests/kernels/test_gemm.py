@@ -16,13 +16,14 @@ ATOL, RTOL = tolerance(torch.float32)
 
 @pytest.fixture(params=["torch", "onednn"])
 def backend(request, monkeypatch) -> list[int]:
-    """Forces a backend for the test; through oneDNN every product qualifies (MIN_MACS 0), and the list
+    """Forces a backend for the test; through oneDNN every float32 product qualifies (no size floors), and the list
     the fixture returns counts oneDNN's calls, so a test can tell which backend ran."""
     if request.param == "onednn" and not gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise)")
     calls: list[int] = []
     if request.param == "onednn":
         monkeypatch.setattr(gemm, "MIN_MACS", 0)
+        monkeypatch.setattr(gemm, "COPY_MIN_COLUMNS", 0)  # strided left operands too (copied to row-major)
         real = gemm._onednn_linear
 
         def counted(*args):
