@@ -343,8 +343,10 @@ def _one_view_backward(grad_output, input, weight, spec, need_input, need_weight
     stack = _Stack(grad_output.view(batch, channels, out_length), grad_output.shape[2], width, shifts, pad, "depthwise_grad")
     base = stack.buffer.storage_offset() + pad + (top - (kernel_h - 1) * dil_h) * width + left  # (i = kH-1, j = 0, q = 0)
     planes = batch * channels
-    # reads[kH-1-i, j, plane, q] = block j, plane, at q - o(i, j)
-    reads = stack.buffer.as_strided((kernel_h, kernel_w, planes, in_length), (dil_h * width, stack.block - dil_w, stack.pitch, 1), base)
+    # reads[kH-1-i, j, plane, q] = block j, plane, at q - o(i, j); a one-column kernel's block can be shorter than
+    # the dilation, and as_strided refuses a negative stride even on a size-1 dimension
+    column_stride = stack.block - dil_w if kernel_w > 1 else 0
+    reads = stack.buffer.as_strided((kernel_h, kernel_w, planes, in_length), (dil_h * width, column_stride, stack.pitch, 1), base)
     grad_input = grad_weight = None
     if need_input:
         scales = weight.reshape(channels, -1, 1).unbind(1)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from kernels import compiled
+from kernels import compiled, gemm
 from kernels import padding as padding_modes
 from kernels.base import ConvAlgorithm, UnsupportedProblem, get
 from kernels.limits import get_limits
@@ -298,6 +298,7 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
         torch.backends.cudnn.enabled,
         get_limits(),
         compiled.available(),  # "auto" prefers winograd on the CPU where its transforms compile
+        gemm.backend() if batched.device.type == "cpu" else None,  # and weighs the others by where their GEMMs run
     )
     plan = _PLANS.get(key)
     if plan is None:

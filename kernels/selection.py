@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels import compiled, shifted_gemm
+from kernels import compiled, gemm, shifted_gemm
 from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, registered
 from kernels.limits import macs
 from kernels.params import ConvSpec
+from kernels.precision import HALF
 
 # In order of preference per device type; the first that accepts the problem wins. The CPU order
 # puts the specialised algorithms first (each refuses what it cannot run): depthwise and 1x1 convs
@@ -92,15 +93,33 @@ WINOGRAD_MIN_OUTPUT = 24
 WINOGRAD_WIDE_CHANNELS = 128  # from this many channels (in and out), outputs down to WINOGRAD_WIDE_MIN_OUTPUT
 WINOGRAD_WIDE_MIN_OUTPUT = 14
 
+# Where the GEMMs go through oneDNN (kernels/gemm.py: round 18, the AVX-512 host) im2col's few long GEMMs
+# gain the most, and the thresholds above (measured with MKL) move. Measured 2026-11-28, 2 threads, 3x3
+# stride 1, C_in = C_out, ours/nn.Conv2d fwd / fwd+bwd, 7 reps (docs/performance.md round 18):
+# - shifted_gemm (its per-tap GEMMs accumulate in place, which oneDNN's op cannot) lost to im2col in all 13
+#   cases, batch 1-4 (64x56 batch 1: 2.39/2.60 vs 1.38/2.05; 128x28 batch 1: 2.39/2.62 vs 1.28/1.63): skipped.
+# - unfold (its GEMMs through oneDNN too): wins at 196 positions from 256 channels (14x14 at batch 1, 256
+#   and 512 channels: 1.57/1.72 and 1.12/1.50 vs im2col 1.89/2.40 and 1.86/2.36; 512x7: 0.87/1.68), splits
+#   with im2col at 64-128 channels (128: 1.86/1.88 vs 1.67/1.96), and loses from 256 positions (64x16 at
+#   batch 1: 1.24/1.72 vs 0.87/1.51; 392 positions, 14x14 at batch 2: 2.17/1.95-2.21 vs 1.45-1.64/1.77-1.80).
+# - winograd's 16 per-position GEMMs are 16 oneDNN calls: it loses at 6.4M multiply-adds each (64x56 and
+#   128x28 at batch 2: 2.11/2.18 and 1.74/1.88 vs im2col 1.44/2.23 and 1.34/1.64) and wins at 12.8M
+#   (batch 4: 1.72/1.73, 1.11/1.24, 1.17/1.44 vs im2col 2.23/2.35, 1.45/1.77, 1.52/1.70).
+ONEDNN_UNFOLD_MAX_POSITIONS = 196
+ONEDNN_WINOGRAD_MIN_GEMM_MACS = 8 << 20
+
 
 def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
     """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto"."""
+    onednn = input.device.type == "cpu" and gemm.routes_to_onednn(torch.float32 if input.dtype in HALF else input.dtype)
     if name == "unfold":
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         if macs(input.shape[0], weight.shape[0], out_height, out_width, *weight.shape[1:]) <= SMALL_MACS:
             return True
         plain = spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[2] * weight.shape[3] > 1
         limit = UNFOLD_MAX_POSITIONS if spec.stride == (1, 1) else UNFOLD_MAX_STRIDED_POSITIONS
+        if onednn:
+            limit = min(limit, ONEDNN_UNFOLD_MAX_POSITIONS)
         return plain and input.shape[0] * out_height * out_width <= limit
     if name == "winograd":
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
@@ -110,7 +129,8 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
             return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
-        if tiles * weight.shape[1] * weight.shape[0] < (WINOGRAD_MIN_THREADED_GEMM_MACS if threaded else WINOGRAD_MIN_GEMM_MACS):
+        least = ONEDNN_WINOGRAD_MIN_GEMM_MACS if onednn else WINOGRAD_MIN_THREADED_GEMM_MACS if threaded else WINOGRAD_MIN_GEMM_MACS
+        if tiles * weight.shape[1] * weight.shape[0] < least:
             return False  # per-position GEMMs too small to run (or split across threads) efficiently
         channels, size = min(weight.shape[0], weight.shape[1]), min(out_height, out_width)
         if channels >= WINOGRAD_WIDE_CHANNELS:
@@ -118,7 +138,7 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         return channels >= WINOGRAD_MIN_CHANNELS and size >= WINOGRAD_MIN_OUTPUT
     if name != "shifted_gemm":
         return True
-    return shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
+    return not onednn and shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
 
 
 def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
@@ -63,7 +64,10 @@ class Unfold(ConvAlgorithm):
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         groups, batch, depth = spec.groups, input.shape[0], weight[0].numel()  # depth K = C_in/G*kH*kW
         patches = _patches(input, spec, (kernel_h, kernel_w)).view(batch, groups, depth, out_height * out_width)
-        output = torch.matmul(weight.reshape(groups, out_channels // groups, depth), patches)  # (N, G, C_out/G, L)
+        if groups == 1:  # one GEMM per image, through oneDNN where it is faster (kernels/gemm.py)
+            output = gemm.bmm(weight.reshape(out_channels, depth).expand(batch, -1, -1), patches[:, 0])
+        else:
+            output = torch.matmul(weight.reshape(groups, out_channels // groups, depth), patches)  # (N, G, C_out/G, L)
         output = output.view(batch, out_channels, out_height, out_width)
         if bias is not None:
             output = output + bias.view(-1, 1, 1)
@@ -81,9 +85,16 @@ class Unfold(ConvAlgorithm):
         grad_weight = grad_input = None
         if need_weight:
             patches = _patches(input, spec, (kernel_h, kernel_w)).view(batch, groups, depth, length)
-            grad_weight = torch.matmul(grad, patches.transpose(2, 3)).sum(dim=0).view(weight.shape)
+            if groups == 1:
+                grad_weight = gemm.bmm(grad[:, 0], patches[:, 0].transpose(1, 2)).sum(dim=0).view(weight.shape)
+            else:
+                grad_weight = torch.matmul(grad, patches.transpose(2, 3)).sum(dim=0).view(weight.shape)
         if need_input:
-            columns = torch.matmul(weights.transpose(1, 2), grad).view(batch, groups * depth, length)  # (N, C_in*kH*kW, L)
+            if groups == 1:  # the weight made row-major once, not per image
+                columns = gemm.bmm(weights[0].t().contiguous().expand(batch, -1, -1), grad[:, 0])
+            else:
+                columns = torch.matmul(weights.transpose(1, 2), grad)
+            columns = columns.view(batch, groups * depth, length)  # (N, C_in*kH*kW, L)
             top, bottom, left, right = spec.padding
             height, width = input.shape[2:]
             if _symmetric(spec):

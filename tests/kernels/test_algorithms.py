@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import gemm
 from kernels.params import normalize
 from kernels.selection import choose
 from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, assert_parity, make_inputs, our_conv, refusal
@@ -61,42 +62,62 @@ def test_auto_on_cpu_never_refuses_the_grid():
             assert our_conv(case, input, weight, bias, "auto").dtype == dtype
 
 
+@pytest.fixture(params=["torch", "onednn"])
+def gemm_backend(request, monkeypatch) -> str:
+    """auto's thresholds depend on where the GEMMs run (kernels/gemm.py); each case is checked under both."""
+    if request.param == "onednn" and not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN matmul")
+    monkeypatch.setattr(gemm._state, "setting", request.param)
+    return request.param
+
+
+# expected: (with torch's GEMMs, with oneDNN's); the thresholds are in kernels/selection.py.
 @pytest.mark.parametrize(
     ("input_shape", "weight_shape", "groups", "stride", "expected"),
     [
-        ((2, 1, 3, 3), (2, 1, 3, 3), 1, 1, "unfold"),  # the seed case: 324 MACs, per-call overhead is all
-        ((1, 8, 16, 16), (8, 8, 3, 3), 1, 1, "unfold"),  # 147K MACs, under SMALL_MACS
-        ((4, 32, 28, 28), (32, 1, 3, 3), 32, 1, "depthwise"),  # 0.9M MACs: unfold's grouped matmul would lose
-        ((4, 64, 32, 32), (64, 64, 3, 3), 1, 1, "winograd"),  # 4.2M MACs per Winograd GEMM (WINOGRAD_MIN_GEMM_MACS)
-        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, "unfold"),  # 196 output positions (UNFOLD_MAX_POSITIONS)
-        ((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, "unfold"),  # 196 positions over 4 images
-        ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, "winograd"),  # 392 positions
-        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, "im2col"),  # 196 positions: too many for stride 2
-        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 2, "unfold"),  # 49 positions, stride 2 (UNFOLD_MAX_STRIDED_POSITIONS)
-        ((1, 512, 14, 14), (512, 1, 3, 3), 512, 1, "depthwise"),  # few positions (0.9M MACs), but grouped
-        ((1, 256, 7, 7), (64, 256, 1, 1), 1, 1, "pointwise"),  # few positions, but 1x1
+        ((2, 1, 3, 3), (2, 1, 3, 3), 1, 1, ("unfold", "unfold")),  # the seed case: 324 MACs, per-call overhead is all
+        ((1, 8, 16, 16), (8, 8, 3, 3), 1, 1, ("unfold", "unfold")),  # 147K MACs, under SMALL_MACS
+        ((4, 32, 28, 28), (32, 1, 3, 3), 32, 1, ("depthwise", "depthwise")),  # 0.9M MACs: unfold's grouped matmul would lose
+        # 4.2M MACs per Winograd GEMM: over WINOGRAD_MIN_THREADED_GEMM_MACS, under ONEDNN_WINOGRAD_MIN_GEMM_MACS
+        ((4, 64, 32, 32), (64, 64, 3, 3), 1, 1, ("winograd", "im2col")),
+        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("unfold", "unfold")),  # 196 positions (UNFOLD_MAX_POSITIONS, ONEDNN_...)
+        ((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, ("unfold", "unfold")),  # 196 positions over 4 images
+        ((1, 64, 16, 16), (64, 64, 3, 3), 1, 1, ("unfold", "im2col")),  # 256 positions: within 256, over 196
+        ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("winograd", "im2col")),  # 392 positions; 6.4M MACs per Winograd GEMM
+        ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("winograd", "winograd")),  # 12.8M MACs per Winograd GEMM
+        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, ("im2col", "im2col")),  # 196 positions: too many for stride 2
+        ((1, 256, 14, 14), (256, 256, 3, 3), 1, 2, ("unfold", "unfold")),  # 49 positions, stride 2 (UNFOLD_MAX_STRIDED_POSITIONS)
+        ((1, 512, 14, 14), (512, 1, 3, 3), 512, 1, ("depthwise", "depthwise")),  # few positions (0.9M MACs), but grouped
+        ((1, 256, 7, 7), (64, 256, 1, 1), 1, 1, ("pointwise", "pointwise")),  # few positions, but 1x1
     ],
 )
-def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape, weight_shape, groups, stride, expected):
+def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape, weight_shape, groups, stride, expected, gemm_backend):
     input, weight = torch.randn(input_shape), torch.randn(weight_shape)
     padding = 1 if weight_shape[2] == 3 else 0
     spec = normalize(input, weight, None, stride, padding, 1, groups, "zeros")
-    assert choose(input, weight, spec).name == expected
+    assert choose(input, weight, spec).name == expected[gemm_backend == "onednn"]
 
 
 @pytest.mark.parametrize(
     ("channels", "batch", "threads", "expected"),
-    [(128, 1, 2, "shifted_gemm"), (128, 2, 2, "winograd"), (128, 1, 1, "winograd"), (64, 1, 1, "shifted_gemm")],
-    ids=["3.2M_threaded", "6.4M_threaded", "3.2M_one_thread", "0.8M_one_thread"],
+    [
+        (128, 1, 2, ("shifted_gemm", "im2col")),
+        (128, 2, 2, ("winograd", "im2col")),
+        (128, 4, 2, ("winograd", "winograd")),
+        (128, 1, 1, ("winograd", "im2col")),
+        (64, 1, 1, ("shifted_gemm", "im2col")),
+    ],
+    ids=["3.2M_threaded", "6.4M_threaded", "12.8M_threaded", "3.2M_one_thread", "0.8M_one_thread"],
 )
-def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected, restore_threads):
+def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected, restore_threads, gemm_backend):
     """3x3 on 28x28: 196 tiles per image x C x C MACs per position GEMM (128 channels at batch 1: 3.2M),
-    against WINOGRAD_MIN_THREADED_GEMM_MACS (4M) from 2 threads and WINOGRAD_MIN_GEMM_MACS (2M) at 1;
-    refused, the layer goes to shifted_gemm (28x28 is within MAX_SHIFTED_WASTE)."""
+    against WINOGRAD_MIN_THREADED_GEMM_MACS (4M) from 2 threads and WINOGRAD_MIN_GEMM_MACS (2M) at 1 with
+    torch's GEMMs, ONEDNN_WINOGRAD_MIN_GEMM_MACS (8M) with oneDNN's; refused, the layer goes to shifted_gemm
+    with torch's GEMMs (28x28 is within MAX_SHIFTED_WASTE) and to im2col with oneDNN's (shifted_gemm is skipped)."""
     input, weight = torch.empty(batch, channels, 28, 28), torch.empty(channels, channels, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
     torch.set_num_threads(threads)
-    assert choose(input, weight, spec).name == expected
+    assert choose(input, weight, spec).name == expected[gemm_backend == "onednn"]
 
 
 REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]

@@ -35,6 +35,9 @@ FLAT_CASES = [
     flat_case("kernel_wider_than_image", kernel_size=(3, 5), padding=(1, 2), size=(4, 2)),
     flat_case("no_tap_reads_the_image", kernel_size=(1, 2), padding=(0, 1), dilation=(1, 2), size=(3, 1)),
     flat_case("no_bias", padding=1, bias=False, batch=1, size=(4, 4)),
+    # a 1x1 kernel, dilated, on a 1x1 image: its one stack block is shorter than the dilation (hypothesis found
+    # the negative stride this gave the unused column dimension); one channel, one image, as found
+    flat_case("one_pixel_dilated_1x1", channels=1, kernel_size=(1, 1), dilation=2, batch=1, size=(1, 1)),
 ]
 
 

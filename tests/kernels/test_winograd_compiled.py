@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import compiled, winograd_compiled
+from kernels import compiled, gemm, winograd_compiled
 from kernels.params import normalize
 from kernels.selection import choose
 from tests.kernels.cases import Case, assert_compiled_ran, assert_matches_oracle, make_inputs
@@ -45,12 +45,17 @@ def test_grad_input_compiles_only_within_its_padding(compile_sync):
         assert winograd_compiled.forward(input, weight, bias, spec.padding) is not None
 
 
-def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(restore_threads):
-    """64 channels at 56x56 from 2 threads: shifted_gemm eagerly, winograd where its transforms compile."""
+@pytest.mark.parametrize(("backend", "eager_choice"), [("torch", "shifted_gemm"), ("onednn", "winograd")])
+def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(backend, eager_choice, restore_threads, monkeypatch):
+    """64 channels at 56x56 from 2 threads: with torch's GEMMs shifted_gemm eagerly, winograd where its transforms
+    compile; with oneDNN's (kernels/gemm.py) shifted_gemm is never taken, and eager winograd ties im2col here."""
+    if backend == "onednn" and not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN matmul")
+    monkeypatch.setattr(gemm._state, "setting", backend)
     torch.set_num_threads(2)
     input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
     with compiled.mode("off"):
-        assert choose(input, weight, spec).name == "shifted_gemm"
+        assert choose(input, weight, spec).name == eager_choice
     with compiled.mode("background"):
         assert choose(input, weight, spec).name == "winograd"
