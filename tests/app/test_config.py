@@ -83,6 +83,7 @@ def test_python_m_app_refuses_arguments_and_bad_settings_with_one_line_each() ->
         ("CONV_MAX_TENSOR_ELEMENTS", "0"),
         ("CONV_KEEP_ALIVE_S", "0"),
         ("CONV_COMPILE", "sync"),  # kernels' "sync" compiles inside requests: not a server mode
+        ("CONV_GEMM", "mkl"),
     ],
 )
 def test_bad_values_are_refused(monkeypatch, name: str, value: str) -> None:
