@@ -87,7 +87,7 @@ class Unfold(ConvAlgorithm):
         # grad_weight, and the columns as grad^T @ W, whose row-major operand is the small grad, not the weight
         # transposed (at 256x14, batch 1, the weight's transposing copy took 0.86 ms and the batched form's copies
         # and sum another 0.97, of a 3.2 ms forward+backward).
-        onednn = groups == 1 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled()
+        onednn = groups == 1 and batch > 0 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled()
         if need_weight:
             patches = _patches(input, spec, (kernel_h, kernel_w)).view(batch, groups, depth, length)
             if onednn:
