@@ -148,13 +148,14 @@ def _example(signature: tuple) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype).zero_()
 
 
-def takes(tensor: torch.Tensor) -> bool:
-    """Whether a compiled path may take this tensor: CPU, float32/64, contiguous, grad mode off (the compiled
-    code records no autograd graph), and not while torch.compile traces the caller (it compiles the eager path itself)."""
+def takes(tensor: torch.Tensor, channels_last: bool = False) -> bool:
+    """Whether a compiled path may take this tensor: CPU, float32/64, contiguous (or channels-last, for a caller that
+    copies it to NCHW itself), grad mode off (the compiled code records no autograd graph), and not while
+    torch.compile traces the caller (it compiles the eager path itself)."""
     return (
         tensor.device.type == "cpu"
         and tensor.dtype in DTYPES
-        and tensor.is_contiguous()
+        and (tensor.is_contiguous() or (channels_last and tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)))
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     )

@@ -27,13 +27,14 @@ MIN_MACS = 1 << 18
 
 
 def eligible(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
-    """`compiled.takes` the input (CPU, float32/64, NCHW, grad off), stride 1, multiplier 1, padding within the kernel's reach."""
+    """`compiled.takes` the input (CPU, float32/64, NCHW or channels-last, grad off), stride 1, multiplier 1, padding within
+    the kernel's reach. A channels-last input is padded into an NCHW copy (`_padded`): the code is compiled for NCHW."""
     batch, channels, height, width = input.shape
     kernel_h, kernel_w = weight.shape[2:]
     top, bottom, left, right = spec.padding
     reach_h, reach_w = spec.dilation[0] * (kernel_h - 1), spec.dilation[1] * (kernel_w - 1)
     return (
-        compiled.takes(input)
+        compiled.takes(input, channels_last=True)
         and spec.stride == (1, 1)
         and weight.shape[0] == channels
         and max(top, bottom) <= reach_h
@@ -50,7 +51,7 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     taps = weight.view(weight.shape[0], *weight.shape[2:]).contiguous()
     if not compiled.ready(_forward, _padded_like(input, top + bottom, left + right), taps, bias, *spec.dilation):
         return None
-    return compiled.run(_forward, F.pad(input, (left, right, top, bottom)), taps, bias, *spec.dilation)
+    return compiled.run(_forward, _padded(input, (left, right, top, bottom)), taps, bias, *spec.dilation)
 
 
 def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool):
@@ -71,9 +72,9 @@ def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_
         return None
     grads = compiled.run(
         _backward,
-        F.pad(grad_output, grad_pads) if need_input else None,
+        _padded(grad_output, grad_pads) if need_input else None,
         taps,
-        F.pad(input, (left, right, top, bottom)) if need_weight else None,
+        _padded(input, (left, right, top, bottom)) if need_weight else None,
         grad_output,
         *spec.dilation,
     )
@@ -81,6 +82,22 @@ def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_
         return None
     grad_input, grad_weight = grads
     return grad_input, None if grad_weight is None else grad_weight.view(weight.shape)
+
+
+def _padded(tensor: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.pad's zero-padded copy (pads: left, right, top, bottom), NCHW-contiguous whatever the tensor's layout.
+
+    Channels-last tensors get one transposing copy into a zeroed NCHW buffer. Compiled for channels-last strides
+    instead, the tap sums ran 7x slower than the NCHW code (dw 96x28, batch 4: 336 vs 47 us), which with
+    the layout copies on both sides is ~0.22 ms against the eager path's ~0.8 (nn.Conv2d: 0.065 ms; round 18).
+    """
+    left, right, top, bottom = pads
+    if tensor.is_contiguous():
+        return F.pad(tensor, pads)
+    batch, channels, height, width = tensor.shape
+    padded = tensor.new_zeros(batch, channels, height + top + bottom, width + left + right)
+    padded[:, :, top : top + height, left : left + width] = tensor
+    return padded
 
 
 def _padded_like(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:

@@ -36,6 +36,8 @@ CASES = [
     depthwise_case("5x5_dilated_asymmetric", kernel_size=(5, 3), padding=(3, 1), dilation=(2, 1), size=(11, 6), bias=False),
     depthwise_case("even_same", kernel_size=(2, 4), padding="same", size=(6, 7)),
     depthwise_case("valid", padding=0, channels=2, batch=1, size=(5, 8)),
+    # padded into an NCHW copy, so it runs the code compiled for the first case (same shapes)
+    depthwise_case("3x3_pad1_channels_last", padding=1, batch=3, size=(7, 9), layout="channels_last"),
 ]
 
 
@@ -113,7 +115,7 @@ def test_the_compiled_graphs_hold_no_conv_op():
     [
         (depthwise_case("strided", padding=1, stride=2, size=(8, 8)), "stride 2"),
         (Case("multiplier", in_channels=3, out_channels=6, groups=3, padding=1), "channel multiplier 2"),
-        (depthwise_case("channels_last", padding=1, layout="channels_last"), "channels_last input"),
+        (depthwise_case("noncontiguous", padding=1, layout="noncontiguous"), "a strided view, neither NCHW nor channels-last"),
         (depthwise_case("padding_past_the_kernel", padding=3), "padding beyond the kernel's reach"),
     ],
     ids=lambda value: value if isinstance(value, str) else value.id,
