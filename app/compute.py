@@ -18,7 +18,6 @@ from app import parity
 from app.codec import as_dtype
 from app.errors import DeadlineExceeded, InvalidField, TooLarge
 from app.problem import Problem
-from kernels import gemm
 from kernels.base import UnsupportedProblem, WorkTooLarge
 from kernels.memo import BoundedMemo
 from kernels.params import normalize
@@ -233,9 +232,8 @@ def run_backward(problem: Problem, device: torch.device, deadline: float | None 
 
 def warm_up(device: torch.device) -> None:
     """A small forward + backward with "auto" and the reference, so the first request pays no start-up cost
-    (on the CPU that includes choosing the GEMM backend: a few milliseconds of timing, kernels/gemm.py)."""
-    if device.type == "cpu":
-        gemm.backend()
+    (on the CPU that includes choosing the GEMM backend, which the first conv does: a few milliseconds of
+    timing, kernels/gemm.py)."""
     generator = torch.Generator().manual_seed(0)
     input = torch.randn(2, 4, 8, 8, generator=generator).to(device).requires_grad_()
     weight = torch.randn(4, 4, 3, 3, generator=generator).to(device).requires_grad_()

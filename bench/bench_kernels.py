@@ -101,12 +101,8 @@ def _conv(provider: str, shape: Shape) -> Callable[[torch.Tensor, torch.Tensor],
         return lambda x, w: kernels.conv2d(x, w, *args, algorithm=algorithm)
 
     def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        previous = gemm._state.setting
-        gemm.set_backend(backend)
-        try:
+        with gemm.using(backend):
             return kernels.conv2d(x, w, *args, algorithm=algorithm)
-        finally:
-            gemm.set_backend(previous)
 
     return conv
 

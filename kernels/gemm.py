@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.autograd import forward_ad
@@ -69,6 +70,17 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"GEMM backend must be one of {list(BACKENDS)}, got {name!r}")
     _state.setting = name
+
+
+@contextmanager
+def using(name: str):
+    """Run a block under another backend setting (benchmarks comparing the two), as `compiled.mode` does for compiling."""
+    previous = _state.setting
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def backend() -> str:

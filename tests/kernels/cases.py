@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import compiled
+from kernels import compiled, gemm
 from kernels.params import normalize
 from kernels.tolerances import tolerance
 
@@ -186,6 +186,13 @@ def refusal(case: Case, algorithm: str, dtype: torch.dtype = torch.float64, devi
     except kernels.UnsupportedProblem as why:
         return str(why)
     return None
+
+
+def force_gemm(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Pin kernels/gemm.py's backend for one test (restored after it); skips where "onednn" cannot run here."""
+    if backend == "onednn" and not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(gemm._state, "setting", backend)
 
 
 def unless_refused(case: Case, algorithm: str, *values, id: str):

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import gemm
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, assert_parity, make_inputs, our_conv, refusal
+from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, assert_parity, force_gemm, make_inputs, our_conv, refusal
 
 FLOAT_DTYPES = {str(dtype).removeprefix("torch.") for dtype in DTYPES}
 
@@ -65,9 +64,7 @@ def test_auto_on_cpu_never_refuses_the_grid():
 @pytest.fixture(params=["torch", "onednn"])
 def gemm_backend(request, monkeypatch) -> str:
     """auto's thresholds depend on where the GEMMs run (kernels/gemm.py); each case is checked under both."""
-    if request.param == "onednn" and not gemm._onednn_available():
-        pytest.skip("this torch build has no oneDNN matmul")
-    monkeypatch.setattr(gemm._state, "setting", request.param)
+    force_gemm(monkeypatch, request.param)
     return request.param
 
 

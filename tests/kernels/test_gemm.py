@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import compiled, gemm
 from kernels.tolerances import tolerance
+from tests.kernels.cases import force_gemm
 
 ATOL, RTOL = tolerance(torch.float32)
 
@@ -18,8 +19,7 @@ ATOL, RTOL = tolerance(torch.float32)
 def backend(request, monkeypatch) -> list[int]:
     """Forces a backend for the test; through oneDNN every float32 product qualifies (no size floors), and the list
     the fixture returns counts oneDNN's calls, so a test can tell which backend ran."""
-    if request.param == "onednn" and not gemm._onednn_available():
-        pytest.skip("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise)")
+    force_gemm(monkeypatch, request.param)
     calls: list[int] = []
     if request.param == "onednn":
         monkeypatch.setattr(gemm, "MIN_MACS", 0)
@@ -31,7 +31,6 @@ def backend(request, monkeypatch) -> list[int]:
             return real(*args)
 
         monkeypatch.setattr(gemm, "_onednn_linear", counted)
-    monkeypatch.setattr(gemm._state, "setting", request.param)
     return calls
 
 

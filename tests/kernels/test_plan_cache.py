@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import gemm
 from kernels.function import _plan
-from tests.kernels.cases import assert_parity
+from tests.kernels.cases import assert_parity, force_gemm
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def test_the_output_format_follows_the_input_strides(seed_tensors):
 def test_auto_follows_the_thread_count(restore_threads, monkeypatch):
     """At 64 channels on 56x56, with torch's GEMMs, `auto` takes shifted_gemm from 2 threads and winograd below
     (kernels/selection.py)."""
-    monkeypatch.setattr(gemm._state, "setting", "torch")
+    force_gemm(monkeypatch, "torch")
     input, weight = torch.empty(1, 64, 56, 56), torch.empty(64, 64, 3, 3)
     torch.set_num_threads(2)
     assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == "shifted_gemm"
@@ -74,12 +73,11 @@ def test_auto_follows_the_thread_count(restore_threads, monkeypatch):
 def test_auto_follows_the_gemm_backend(restore_threads, monkeypatch):
     """The same layer goes to shifted_gemm with torch's GEMMs and to im2col with oneDNN's (kernels/selection.py):
     a plan made under one backend is not reused under the other."""
-    if not gemm._onednn_available():
-        pytest.skip("this torch build has no oneDNN matmul")
+    force_gemm(monkeypatch, "onednn")  # skips where it cannot run
     input, weight = torch.empty(1, 64, 56, 56), torch.empty(64, 64, 3, 3)
     torch.set_num_threads(2)
     for backend, expected in (("torch", "shifted_gemm"), ("onednn", "im2col"), ("torch", "shifted_gemm")):
-        monkeypatch.setattr(gemm._state, "setting", backend)
+        force_gemm(monkeypatch, backend)
         assert _plan(input, weight, None, 1, 1, 1, 1, "zeros", "auto")[1].name == expected
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import compiled, gemm, winograd_compiled
+from kernels import compiled, winograd_compiled
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import Case, assert_compiled_ran, assert_matches_oracle, make_inputs
+from tests.kernels.cases import Case, assert_compiled_ran, assert_matches_oracle, force_gemm, make_inputs
 
 CASES = [
     Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 8)),
@@ -49,9 +49,7 @@ def test_grad_input_compiles_only_within_its_padding(compile_sync):
 def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(backend, eager_choice, restore_threads, monkeypatch):
     """64 channels at 56x56 from 2 threads: with torch's GEMMs shifted_gemm eagerly, winograd where its transforms
     compile; with oneDNN's (kernels/gemm.py) shifted_gemm is never taken, and eager winograd ties im2col here."""
-    if backend == "onednn" and not gemm._onednn_available():
-        pytest.skip("this torch build has no oneDNN matmul")
-    monkeypatch.setattr(gemm._state, "setting", backend)
+    force_gemm(monkeypatch, backend)
     torch.set_num_threads(2)
     input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
