@@ -364,12 +364,12 @@ class Im2col(ConvAlgorithm):
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         out_channels, _, kernel_h, kernel_w = weight.shape
-        top, _, left, _ = spec.padding
+        top, bottom, left, right = spec.padding
         height, width = input.shape[2:]
         padded = _padded_nhwc(input, spec) if need_weight else None
         grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
         batch, out_height, out_width, _ = grad_nhwc.shape
-        pad_shape = (batch, height + spec.padding[0] + spec.padding[1], width + spec.padding[2] + spec.padding[3], input.shape[1])
+        pad_shape = (batch, height + top + bottom, width + left + right, input.shape[1])
         depthwise = _is_depthwise(weight, spec.groups)
         folded = need_input and not depthwise and _use_fold(input.shape, weight.shape, out_height * out_width, grad_output.element_size())
         correlated = need_input and not depthwise and not folded and _correlation_grad_input(input, weight, spec)
@@ -380,8 +380,6 @@ class Im2col(ConvAlgorithm):
             grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
         grad_input = None
         if correlated:  # the stride-1 grad_input as a forward conv of grad_output with the flipped, transposed kernel
-            top, bottom, left, right = spec.padding
-            kernel_h, kernel_w = weight.shape[2:]
             flipped = spec.with_padding((kernel_h - 1 - top, kernel_h - 1 - bottom, kernel_w - 1 - left, kernel_w - 1 - right))
             grad_input = self.forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, flipped)
         elif folded:
