@@ -418,3 +418,28 @@ async def test_a_client_that_stops_reading_its_response_is_cut_off_and_its_memor
         assert (await post(server.url, "/forward", FORWARD_EXAMPLE)).status_code == 200
     finally:
         stop(server)
+
+
+async def test_the_gemm_backend_a_server_runs_and_pins(plain, tmp_path) -> None:
+    """GET /info says which GEMM backend the server's warm-up chose (kernels/gemm.py); CONV_GEMM=torch pins torch's.
+    A layer whose GEMMs are big enough for either backend (im2col, 64 channels: 9.4M multiply-adds per product)
+    gives nn.Conv2d's output and gradients from both servers."""
+    torch.manual_seed(14)
+    x, conv = torch.randn(1, 64, 16, 16), torch.nn.Conv2d(64, 64, 3, padding=1)
+    grad_output = torch.randn(1, 64, 16, 16)
+    expected = nn_conv_grads(x, conv, grad_output=grad_output)
+    body = {**seed_body(x, conv, "base64"), "algorithm": "im2col", "grad_output": to_json(grad_output, "base64")}
+    atol, rtol = tolerance(torch.float32)
+    pinned = start(tmp_path, "gemm_torch", CONV_GEMM="torch")
+    try:
+        wait_ready(pinned)
+        for server, wanted in ((plain, ("onednn", "torch")), (pinned, ("torch",))):
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                assert (await client.get("/info")).json()["cpu_gemm"] in wanted
+            answer = await post(server.url, "/backward", body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["parity"]["ok"]
+            for name in ("grad_input", "grad_weight", "grad_bias"):
+                torch.testing.assert_close(from_json(answer.json()[name]), expected[name], atol=atol, rtol=rtol)
+    finally:
+        stop(pinned)
