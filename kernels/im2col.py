@@ -162,6 +162,38 @@ def _phase_plane(split: torch.Tensor, spec: ConvSpec, p: int, q: int) -> torch.T
     return split[:, :, p::stride_h, (q - spec.padding[2]) % stride_w]
 
 
+def _phase_columns(split: torch.Tensor, spec: ConvSpec, weight_shape: torch.Size, out_hw: tuple[int, int], ones: bool) -> Iterator:
+    """(images, output rows, columns (N_b, C_in*kH*kW [+ 1], R*W_out)) blocks in F.unfold's (c, i, j) row order,
+    gathered from `_phase_split`'s stride phases; with `ones` a last row of ones (a bias in the GEMM).
+
+    Taps i = p + s_h*a, j = q + s_w*b read phase (p, q) at (y + a, x + b), so each phase's taps copy as whole output
+    rows. The columns live in a reused scratch buffer: consume each block before taking the next.
+    """
+    _, in_channels, kernel_h, kernel_w = weight_shape
+    (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
+    taps = in_channels * kernel_h * kernel_w
+    row_bytes = out_width * (taps + ones) * split.element_size()
+    for images, rows in _row_blocks(split.shape[0], out_height, row_bytes):
+        count, block_rows = images.stop - images.start, rows.stop - rows.start
+        matrix = scratch("im2col_columns", count * (taps + ones) * block_rows * out_width, split)
+        matrix = matrix.view(count, taps + ones, block_rows * out_width)
+        if ones:
+            matrix[:, taps].fill_(1)
+        columns = matrix[:, :taps].view(count, in_channels, kernel_h, kernel_w, block_rows, out_width)
+        for p in range(min(stride_h, kernel_h)):
+            for q in range(min(stride_w, kernel_w)):
+                phase = _phase_plane(split, spec, p, q)[images]
+                taps_h, taps_w = len(range(p, kernel_h, stride_h)), len(range(q, kernel_w, stride_w))
+                batch_stride, channel_stride, row_stride, _ = phase.stride()
+                window = phase.as_strided(
+                    (count, in_channels, taps_h, taps_w, block_rows, out_width),
+                    (batch_stride, channel_stride, row_stride, 1, row_stride, 1),
+                    phase.storage_offset() + rows.start * row_stride,
+                )
+                columns[:, :, p::stride_h, q::stride_w] = window
+        yield images, rows, matrix
+
+
 # Below this many input channels per group the channels-last per-tap scatter moves rows too short
 # to be fast (the 3-channel stem: 49 taps of 3-wide rows), and F.fold's NCHW col2im wins.
 FOLD_MAX_CHANNELS = 32
@@ -264,10 +296,15 @@ class Im2col(ConvAlgorithm):
         elif spec.groups == 1 and input.is_contiguous() and not gemm.routes_to_onednn(input.dtype):
             return self._nchw_forward(padded, weight, bias, spec, (out_height, out_width))
         else:
-            output = padded.new_empty(batch, out_height, out_width, out_channels)
             weights = _weight_matrix(weight, spec.groups)
             row_bytes = out_width * weights.shape[0] * weights.shape[1] * padded.element_size()
-            for images, rows in _row_blocks(batch, out_height, row_bytes):
+            blocks = list(_row_blocks(batch, out_height, row_bytes))
+            if spec.groups == 1 and len(blocks) == 1:  # one block: the product, bias included, is the output (no copy)
+                columns = _grouped_columns(_patches(padded, spec, (kernel_h, kernel_w), slice(0, out_height), out_width), 1)
+                output = gemm.mm(columns[0], weights[0], bias=bias).view(batch, out_height, out_width, out_channels)
+                return output.permute(0, 3, 1, 2)
+            output = padded.new_empty(batch, out_height, out_width, out_channels)
+            for images, rows in blocks:
                 patches = _patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width)
                 columns = _grouped_columns(patches, spec.groups)
                 block = output[images, rows].view(-1, out_channels)
@@ -314,38 +351,35 @@ class Im2col(ConvAlgorithm):
         (`_phase_split` makes the stride-2 reads contiguous), and weight.view(C_out, -1) is already
         the matching (c, i, j) matrix. Output (C_out, H_out*W_out) per image, NCHW directly.
         """
-        out_channels, in_channels, kernel_h, kernel_w = weight.shape
-        (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
+        out_channels = weight.shape[0]
+        out_height, out_width = out_hw
         split = _phase_split(input, spec)
         batch = split.shape[0]
         output = input.new_empty(batch, out_channels, out_height * out_width)
         weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
-        taps = weight_rows.shape[1]
         if bias is not None:  # the bias rides in the GEMM as one more column row of ones: no pass over the output
             weight_rows = torch.cat([weight_rows, bias.view(-1, 1)], dim=1)
-        row_bytes = out_width * weight_rows.shape[1] * input.element_size()
-        for images, rows in _row_blocks(batch, out_height, row_bytes):
-            count, block_rows = images.stop - images.start, rows.stop - rows.start
-            matrix = scratch("im2col_columns", count * weight_rows.shape[1] * block_rows * out_width, input)
-            matrix = matrix.view(count, weight_rows.shape[1], block_rows * out_width)
-            if bias is not None:
-                matrix[:, taps].fill_(1)
-            columns = matrix[:, :taps].view(count, in_channels, kernel_h, kernel_w, block_rows, out_width)
-            for p in range(min(stride_h, kernel_h)):
-                for q in range(min(stride_w, kernel_w)):
-                    # taps i = p + stride_h*a, j = q + stride_w*b read phase (p, q) at (y + a, x + b)
-                    phase = _phase_plane(split, spec, p, q)[images]
-                    taps_h, taps_w = len(range(p, kernel_h, stride_h)), len(range(q, kernel_w, stride_w))
-                    batch_stride, channel_stride, row_stride, _ = phase.stride()
-                    window = phase.as_strided(
-                        (count, in_channels, taps_h, taps_w, block_rows, out_width),
-                        (batch_stride, channel_stride, row_stride, 1, row_stride, 1),
-                        phase.storage_offset() + rows.start * row_stride,
-                    )
-                    columns[:, :, p::stride_h, q::stride_w] = window
+        for images, rows, matrix in _phase_columns(split, spec, weight.shape, out_hw, ones=bias is not None):
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
-            gemm.bmm(weight_rows.expand(count, -1, -1), matrix, out=block)
+            gemm.bmm(weight_rows.expand(matrix.shape[0], -1, -1), matrix, out=block)
         return output.view(batch, out_channels, out_height, out_width)
+
+    @staticmethod
+    def _phase_grad_weight(grad_output, input, weight, spec):
+        """grad_weight of `_phase_forward`'s problems: per image sum grad_output (C_out, L) @ columns (L, C_in*kH*kW).
+
+        Both operands are row-major as they are (NCHW grad, the forward's (c, i, j) columns), where the channels-last
+        path transposed the grad and gathered 21-float patch runs (the stem: 1.9 ms against oneDNN's 0.67).
+        """
+        out_channels = weight.shape[0]
+        out_hw = grad_output.shape[2:]
+        grad = grad_output.reshape(grad_output.shape[0], out_channels, out_hw[0] * out_hw[1])  # (N, C_out, L): a view for NCHW
+        total = None
+        for images, rows, matrix in _phase_columns(_phase_split(input, spec), spec, weight.shape, out_hw, ones=False):
+            block = grad[images, :, rows.start * out_hw[1] : rows.stop * out_hw[1]]
+            product = gemm.bmm(block, matrix.transpose(1, 2)).sum(0)  # (C_out, C_in*kH*kW)
+            total = product if total is None else total.add_(product)
+        return torch.zeros_like(weight) if total is None else total.view(weight.shape)
 
     def _depthwise_forward(self, padded, weight, spec, out_height, out_width):
         """padded (N, H_pad, W_pad, C) -> (N, H_out, W_out, C*m) for a channel multiplier m."""
@@ -366,18 +400,25 @@ class Im2col(ConvAlgorithm):
         out_channels, _, kernel_h, kernel_w = weight.shape
         top, bottom, left, right = spec.padding
         height, width = input.shape[2:]
-        padded = _padded_nhwc(input, spec) if need_weight else None
-        grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
-        batch, out_height, out_width, _ = grad_nhwc.shape
+        batch, _, out_height, out_width = grad_output.shape
         pad_shape = (batch, height + top + bottom, width + left + right, input.shape[1])
         depthwise = _is_depthwise(weight, spec.groups)
         folded = need_input and not depthwise and _use_fold(input.shape, weight.shape, out_height * out_width, grad_output.element_size())
         correlated = need_input and not depthwise and not folded and _correlation_grad_input(input, weight, spec)
-        grad_padded = grad_nhwc.new_zeros(pad_shape) if need_input and not folded and not correlated else None
-        if depthwise:
-            grad_weight = self._depthwise_backward(grad_nhwc, padded, grad_padded, weight, spec)
-        else:
-            grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
+        scattered = need_input and not folded and not correlated
+        # grad_weight from the forward's stride-phase columns (not while autograd records: they fill a scratch buffer)
+        phased = need_weight and _use_phases(input, weight, spec) and not torch.is_grad_enabled()
+        grad_weight = self._phase_grad_weight(grad_output, input, weight, spec) if phased else None
+        if scattered or (need_weight and not phased):  # the channels-last paths
+            padded = _padded_nhwc(input, spec) if need_weight and not phased else None
+            grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
+            grad_padded = grad_nhwc.new_zeros(pad_shape) if scattered else None
+            if depthwise:
+                grad_weight = self._depthwise_backward(grad_nhwc, padded, grad_padded, weight, spec)
+            elif phased:  # grad_weight is in hand: this pass only scatters grad_input
+                self._gemm_backward(grad_nhwc, None, grad_padded, weight, spec, False)
+            else:
+                grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
         grad_input = None
         if correlated:  # the stride-1 grad_input as a forward conv of grad_output with the flipped, transposed kernel
             flipped = spec.with_padding((kernel_h - 1 - top, kernel_h - 1 - bottom, kernel_w - 1 - left, kernel_w - 1 - right))
@@ -393,25 +434,30 @@ class Im2col(ConvAlgorithm):
         out_channels, in_per_group, kernel_h, kernel_w = weight.shape
         batch, out_height, out_width, _ = grad_nhwc.shape
         weights = _weight_matrix(weight, groups)
-        grad_matrix = torch.zeros_like(weights) if need_weight else None
+        grad_matrix = None  # the first block's product, then a sum (a zero matrix plus it cost a pass at one block)
         row_bytes = out_width * groups * weights.shape[1] * grad_nhwc.element_size()
         for images, rows in _row_blocks(batch, out_height, row_bytes):
             grad_block = grad_nhwc[images, rows].reshape(-1, groups, out_channels // groups).transpose(0, 1)
             if need_weight:
                 columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
                 if groups == 1:  # as (C_out, M) @ (M, K): the operand oneDNN wants row-major is the small one
-                    grad_matrix = grad_matrix + gemm.mm(grad_block[0].t(), columns[0]).t().unsqueeze(0)
+                    product = gemm.mm(grad_block[0].t(), columns[0]).t().unsqueeze(0)
                 else:
-                    grad_matrix = grad_matrix + torch.bmm(columns.transpose(1, 2), grad_block)
+                    product = torch.bmm(columns.transpose(1, 2), grad_block)
+                grad_matrix = product if grad_matrix is None else grad_matrix + product
             if grad_padded is not None:
-                grad_columns = scratch("im2col_grad_columns", grad_block.shape[0] * grad_block.shape[1] * weights.shape[1], grad_block)
-                grad_columns = grad_columns.view(grad_block.shape[0], grad_block.shape[1], weights.shape[1])
                 if torch.is_grad_enabled():  # double backward: no out=
                     grad_columns = torch.bmm(grad_block, weights.transpose(1, 2))
+                elif groups == 1 and gemm.onednn_takes(grad_block[0], weights[0].t()):  # its product, not a copy in a buffer
+                    grad_columns = gemm.mm(grad_block[0], weights[0].t()).unsqueeze(0)
                 else:
+                    grad_columns = scratch("im2col_grad_columns", grad_block.shape[0] * grad_block.shape[1] * weights.shape[1], grad_block)
+                    grad_columns = grad_columns.view(grad_block.shape[0], grad_block.shape[1], weights.shape[1])
                     gemm.bmm(grad_block, weights.transpose(1, 2), out=grad_columns)
                 self._col2im(grad_columns, grad_padded[images], spec, weight.shape, rows, out_width)
-        return _weight_from_matrix(grad_matrix, weight.shape) if need_weight else None
+        if not need_weight:
+            return None
+        return _weight_from_matrix(torch.zeros_like(weights) if grad_matrix is None else grad_matrix, weight.shape)
 
     @staticmethod
     def _col2im(grad_columns, grad_padded, spec, weight_shape, rows, out_width):

@@ -10,7 +10,18 @@ import torch
 import kernels
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import ALGORITHMS, CASES, DTYPES, Case, assert_parity, force_gemm, make_inputs, our_conv, refusal
+from tests.kernels.cases import (
+    ALGORITHMS,
+    CASES,
+    DTYPES,
+    Case,
+    assert_matches_oracle,
+    assert_parity,
+    force_gemm,
+    make_inputs,
+    our_conv,
+    refusal,
+)
 
 FLOAT_DTYPES = {str(dtype).removeprefix("torch.") for dtype in DTYPES}
 
@@ -45,6 +56,23 @@ def test_reported_limits_follow_set_limits(restore_limits):
     kernels.set_limits(reference_max_macs=1234, im2col_workspace_bytes=4096)
     assert kernels.algorithms()["reference"]["limits"] == {"max_macs": 1234}
     assert kernels.algorithms()["im2col"]["limits"] == {"workspace_bytes": 4096}
+
+
+# Under a small workspace limit im2col splits its work into blocks of images or output rows: the stride-phase
+# columns of few-channel inputs (forward and grad_weight), the channels-last patches and the grad_input scatter.
+BLOCKED_CASES = [
+    Case("stem_like_rows", in_channels=3, out_channels=5, kernel_size=(7, 7), stride=2, padding=3, batch=3, size=(20, 18)),
+    Case("stem_like_images", in_channels=3, out_channels=4, kernel_size=(5, 5), stride=(2, 1), padding=2, batch=5, size=(6, 7)),
+    Case("channels_last_patches", in_channels=40, out_channels=6, stride=2, padding=1, batch=2, size=(9, 10)),
+]
+
+
+@pytest.mark.parametrize("workspace", [1 << 10, 1 << 14], ids=["rows", "images"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda case: case.id)
+def test_im2col_in_blocks_matches_the_oracle(case, dtype, workspace, restore_limits):
+    kernels.set_limits(im2col_workspace_bytes=workspace)
+    assert_matches_oracle(case, "im2col", dtype, seed=5)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
