@@ -59,18 +59,22 @@ def test_reported_limits_follow_set_limits(restore_limits):
 
 
 # Under a small workspace limit im2col splits its work into blocks of images or output rows: the stride-phase
-# columns of few-channel inputs (forward and grad_weight), the channels-last patches and the grad_input scatter.
+# columns of few-channel inputs (forward and grad_weight) and, with oneDNN's float32 GEMMs, of stride-1 inputs
+# (grad_weight), the channels-last patches and the grad_input scatter (or, stride 1, the flipped-kernel forward).
 BLOCKED_CASES = [
     Case("stem_like_rows", in_channels=3, out_channels=5, kernel_size=(7, 7), stride=2, padding=3, batch=3, size=(20, 18)),
     Case("stem_like_images", in_channels=3, out_channels=4, kernel_size=(5, 5), stride=(2, 1), padding=2, batch=5, size=(6, 7)),
     Case("channels_last_patches", in_channels=40, out_channels=6, stride=2, padding=1, batch=2, size=(9, 10)),
+    Case("stride_one_wide", in_channels=36, out_channels=5, padding=(1, 2), batch=3, size=(8, 7)),
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
 @pytest.mark.parametrize("workspace", [1 << 10, 1 << 14], ids=["rows", "images"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda case: case.id)
-def test_im2col_in_blocks_matches_the_oracle(case, dtype, workspace, restore_limits):
+def test_im2col_in_blocks_matches_the_oracle(case, dtype, workspace, backend, restore_limits, monkeypatch):
+    force_gemm(monkeypatch, backend)
     kernels.set_limits(im2col_workspace_bytes=workspace)
     assert_matches_oracle(case, "im2col", dtype, seed=5)
 
