@@ -132,18 +132,6 @@ def _use_phases(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bo
     return spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[1] < FOLD_MAX_CHANNELS and input.is_contiguous()
 
 
-def _use_phase_grad_weight(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
-    """`Im2col._phase_grad_weight`: where the forward takes the phases, and for stride 1 with oneDNN's GEMMs at any
-    channel count. There the channels-last grad_weight transposes the input and the grad and copies the grad once more
-    into the row-major operand; from NCHW both operands are row-major as they are. Measured (2 threads, same process,
-    ms, channels-last / phases / nn.Conv2d): 64x56 batch 1 1.01 / 0.94 / 0.64, batch 4 5.33 / 4.76 / 2.73, 128x28
-    batch 1 0.80 / 0.73 / 0.63, 32x112 batch 1 1.62 / 1.30 / 0.78; stride 2 loses (128x28 batch 4 1.04 / 1.35)."""
-    if _use_phases(input, weight, spec):
-        return True
-    plain = spec.groups == 1 and spec.dilation == (1, 1) and spec.stride == (1, 1)
-    return plain and input.is_contiguous() and gemm.routes_to_onednn(input.dtype)
-
-
 def _phase_split(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """input (N, C, H, W) -> (N, C, H_pad, s_w, W_ph), [.., R, t, X] = zero-padded input[.., R, s_w*X + q(t)].
 
@@ -425,8 +413,8 @@ class Im2col(ConvAlgorithm):
         folded = need_input and not depthwise and _use_fold(input.shape, weight.shape, out_height * out_width, grad_output.element_size())
         correlated = need_input and not depthwise and not folded and _correlation_grad_input(input, weight, spec)
         scattered = need_input and not folded and not correlated
-        # grad_weight from stride-phase columns (not while autograd records: they fill a scratch buffer)
-        phased = need_weight and _use_phase_grad_weight(input, weight, spec) and not torch.is_grad_enabled()
+        # grad_weight from the forward's stride-phase columns (not while autograd records: they fill a scratch buffer)
+        phased = need_weight and _use_phases(input, weight, spec) and not torch.is_grad_enabled()
         grad_weight = self._phase_grad_weight(grad_output, input, weight, spec) if phased else None
         if scattered or (need_weight and not phased):  # the channels-last paths
             padded = _padded_nhwc(input, spec) if need_weight and not phased else None

@@ -59,8 +59,8 @@ def test_reported_limits_follow_set_limits(restore_limits):
 
 
 # Under a small workspace limit im2col splits its work into blocks of images or output rows: the stride-phase
-# columns of few-channel inputs (forward and grad_weight) and, with oneDNN's float32 GEMMs, of stride-1 inputs
-# (grad_weight), the channels-last patches and the grad_input scatter (or, stride 1, the flipped-kernel forward).
+# columns of few-channel inputs (forward and grad_weight), the channels-last patches, and the grad_input scatter
+# (or, stride 1 with oneDNN's float32 GEMMs, the flipped-kernel forward).
 BLOCKED_CASES = [
     Case("stem_like_rows", in_channels=3, out_channels=5, kernel_size=(7, 7), stride=2, padding=3, batch=3, size=(20, 18)),
     Case("stem_like_images", in_channels=3, out_channels=4, kernel_size=(5, 5), stride=(2, 1), padding=2, batch=5, size=(6, 7)),
