@@ -306,7 +306,7 @@ class Winograd(ConvAlgorithm):
     def forward(self, input, weight, bias, spec):
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
-        if winograd_compiled.eligible(input):  # once compiled for these shapes: one pass per transform
+        if winograd_compiled.eligible(input, channels_last=True):  # once compiled for these shapes: one pass per transform
             output = winograd_compiled.forward(input, weight, bias, spec.padding)
             if output is not None:
                 return output
@@ -327,8 +327,9 @@ class Winograd(ConvAlgorithm):
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         grad_input = grad_weight = None
         if need_input:
-            grad = grad_output.contiguous()  # once: the compiled grad_input reads it as NCHW
-            if winograd_compiled.eligible(grad):
+            # once: the compiled grad_input reads NCHW, or channels-last as it comes (a channels-last caller's grad)
+            grad = grad_output if grad_output.is_contiguous(memory_format=torch.channels_last) else grad_output.contiguous()
+            if winograd_compiled.eligible(grad, channels_last=True):
                 grad_input = winograd_compiled.grad_input(grad, weight, spec)
         if need_input and grad_input is None:
             top, bottom, left, right = spec.padding

@@ -30,9 +30,14 @@ from kernels.limits import get_limits
 from kernels.params import ConvSpec
 
 
-def eligible(tensor: torch.Tensor) -> bool:
-    """`compiled.takes` the input (or grad_output): 3x3 stride 1 is `winograd`'s own check."""
-    return compiled.takes(tensor)
+def eligible(tensor: torch.Tensor, channels_last: bool = False) -> bool:
+    """`compiled.takes` the input (or grad_output), NCHW or (where the caller says) channels-last: 3x3 stride 1 is
+    `winograd`'s own check."""
+    return compiled.takes(tensor, channels_last)
+
+
+def _channels_last(tensor: torch.Tensor) -> bool:
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
 
 
 def _fits(batch: int, tiles_h: int, tiles_w: int, channels: int, like: torch.Tensor) -> bool:
@@ -44,8 +49,12 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """input (N, C, H, W) contiguous, weight (K, C, 3, 3), pads (top, bottom, left, right) >= 0 -> (N, K, H_out, W_out), or None.
 
     None also where the tile buffers (16 values per 4 inputs or outputs, unchunked) would pass the workspace limit.
+    A channels-last input runs channels-last throughout (`_forward_nhwc`) and gives a channels-last output.
     """
     from kernels.winograd import _column_phases, _transformed_weight
+
+    if _channels_last(input):
+        return _forward_nhwc(input, weight, bias, pads)
 
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]
@@ -69,6 +78,37 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     products = gemm.products(_transformed_weight(weight).transpose(1, 2), tiles)  # 16 x (K, P): U[xi] (K, C) @ V[xi]
     output = compiled.run(_output_tiles, bias, batch, tiles_h, tiles_w, *products)
     return output[:, :, :out_height, :out_width]
+
+
+def _forward_nhwc(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: tuple[int, int, int, int]
+) -> torch.Tensor | None:
+    """`forward` for a channels-last input: NHWC tile grid (a padded copy, no transpose), V (16, P, C), products
+    V[xi] (P, C) @ U[xi] (C, K), output written NHWC: no transposing copy on the way in or out. From an NCHW
+    input the two transposing copies cost what this layout's faster products and transforms save (round 19)."""
+    from kernels.winograd import _tile_input, _transformed_weight
+
+    batch, channels = input.shape[:2]
+    out_channels = weight.shape[0]
+    out_height, out_width = input.shape[2] + pads[0] + pads[1] - 2, input.shape[3] + pads[2] + pads[3] - 2
+    tiles_h, tiles_w = -(-out_height // 2), -(-out_width // 2)
+    positions = batch * tiles_h * tiles_w
+    if not _fits(batch, tiles_h, tiles_w, max(channels, out_channels), input):
+        return None
+    grid_shape = (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels)
+    products_like = [torch.empty(positions, out_channels, dtype=input.dtype, device="meta")] * 16
+    bias_like = None if bias is None else torch.empty_like(bias, device="meta")
+    stages_ready = [
+        compiled.ready(_input_tiles_nhwc, torch.empty(grid_shape, dtype=input.dtype, device="meta")),
+        compiled.ready(_output_tiles_nhwc, bias_like, batch, tiles_h, tiles_w, *products_like),
+    ]
+    if not all(stages_ready):
+        return None
+    grid, _ = _tile_input(input, pads)  # (N, 2*T_h + 2, 2*T_w + 2, C), zero-padded
+    tiles = compiled.run(_input_tiles_nhwc, grid)
+    products = gemm.products(tiles, _transformed_weight(weight))  # 16 x (P, K): V[xi] (P, C) @ U[xi] (C, K)
+    output = compiled.run(_output_tiles_nhwc, bias, batch, tiles_h, tiles_w, *products)
+    return output[:, :out_height, :out_width].permute(0, 3, 1, 2)
 
 
 def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor | None:
@@ -163,6 +203,35 @@ def _output_tiles(bias: torch.Tensor | None, batch: int, tiles_h: int, tiles_w: 
     # Without a final elementwise op Inductor writes the stacked values to a buffer and permutes them in a
     # second pass; with one it writes the output in one (64x56: 1.7 vs 3.0 ms). "+ 0.0" is that op.
     return output + (0.0 if bias is None else bias.view(1, -1, 1, 1))
+
+
+def _input_tiles_nhwc(grid: torch.Tensor) -> torch.Tensor:
+    """grid (N, 2*T_h + 2, 2*T_w + 2, C), zero-padded -> V = B^T d B (16, N*T_h*T_w, C), as `_input_tiles` channels-last:
+    the stride-2 row and column picks move whole C-vectors."""
+    batch, height, width, channels = grid.shape
+    tiles_h, tiles_w = (height - 2) // 2, (width - 2) // 2
+    rows = [grid[:, k : k + 2 * tiles_h : 2] for k in range(4)]  # row k of every tile: (N, T_h, W, C)
+    tiles = []
+    for mixed in (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3]):
+        cols = [mixed[:, :, k : k + 2 * tiles_w : 2] for k in range(4)]  # column k of every tile: (N, T_h, T_w, C)
+        tiles += [cols[0] - cols[2], cols[1] + cols[2], cols[2] - cols[1], cols[1] - cols[3]]
+    return torch.stack(tiles).reshape(16, batch * tiles_h * tiles_w, channels)
+
+
+def _output_tiles_nhwc(bias: torch.Tensor | None, batch: int, tiles_h: int, tiles_w: int, *products: torch.Tensor) -> torch.Tensor:
+    """products M[xi] (N*T_h*T_w, K), 16 of them -> Y = A^T M A (N, 2*T_h, 2*T_w, K) plus bias (K,), as `_output_tiles`
+    channels-last."""
+    channels = products[0].shape[1]
+    tiles = [[products[4 * row + column].view(batch, tiles_h, tiles_w, channels) for column in range(4)] for row in range(4)]
+    outputs = []
+    top = [first + second + third for first, second, third in zip(tiles[0], tiles[1], tiles[2])]
+    bottom = [second - third - fourth for second, third, fourth in zip(tiles[1], tiles[2], tiles[3])]
+    for mixed in (top, bottom):  # output row u of every tile, per tile column: 4 x (N, T_h, T_w, K)
+        outputs += [mixed[0] + mixed[1] + mixed[2], mixed[1] - mixed[2] - mixed[3]]
+    # outputs[2u + v] is output (2ty + u, 2tx + v): (u, v, N, T_h, T_w, K) -> (N, T_h, u, T_w, v, K)
+    output = torch.stack(outputs).view(2, 2, batch, tiles_h, tiles_w, channels).permute(2, 3, 0, 4, 1, 5)
+    output = output.reshape(batch, 2 * tiles_h, 2 * tiles_w, channels)
+    return output + (0.0 if bias is None else bias)  # "+ 0.0": one pass, as in `_output_tiles`
 
 
 def _grad_tiles(split: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,15 @@ CASES = [
     Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(6, 9)),
     # padding 3 > 2: grad_input's padding (2 - 3) would be negative, so it stays eager; forward compiles
     Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(5, 6)),
+    # channels-last input: forward and grad_input run channels-last (NHWC grid, (P, C) tiles, NHWC output)
+    Case("channels_last", in_channels=3, out_channels=5, padding=1, batch=2, size=(8, 6), layout="channels_last"),
+    Case("channels_last_cropped", in_channels=4, out_channels=3, padding=(0, 2), batch=1, size=(9, 5), layout="channels_last"),
 ]
 
 
 @pytest.mark.parametrize(
     ("case", "dtype"),
-    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32)],
+    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32), (CASES[4], torch.float32)],
     ids=lambda value: getattr(value, "id", str(value)),
 )
 def test_compiled_transforms_match_the_oracle(case, dtype, compile_sync):
@@ -72,3 +75,16 @@ def test_compiled_grad_weight_comes_in_the_weights_layout(compile_sync):
     )[1]
     assert grad_weight is not None and grad_weight.is_contiguous()
     torch.testing.assert_close(grad_weight, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_channels_last_forward_runs_channels_last(compile_sync):
+    """A channels-last input gets a channels-last output straight from the compiled transforms (no layout copy where
+    the output is whole 2x2 tiles, as here), equal to the NCHW path's."""
+    case = CASES[4]
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=31)
+    assert input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    with torch.no_grad():
+        output = winograd_compiled.forward(input, weight, bias, (1, 1, 1, 1))
+        expected = winograd_compiled.forward(input.contiguous(), weight, bias, (1, 1, 1, 1))
+    assert output is not None and output.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-12)
