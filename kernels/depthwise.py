@@ -433,7 +433,9 @@ class Depthwise(ConvAlgorithm):
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         if depthwise_compiled.eligible(input, weight, spec):
-            grads = depthwise_compiled.backward(grad_output.contiguous(), input, weight, spec, need_input, need_weight)
+            # the grad in the layout the compiled code reads: the input's (NCHW, or channels-last)
+            grad = grad_output.contiguous(memory_format=torch.channels_last if _channels_last(input) else torch.contiguous_format)
+            grads = depthwise_compiled.backward(grad, input, weight, spec, need_input, need_weight)
             if grads is not None:
                 return grads
         if _flat_eligible(input, weight, spec):

@@ -36,8 +36,11 @@ CASES = [
     depthwise_case("5x5_dilated_asymmetric", kernel_size=(5, 3), padding=(3, 1), dilation=(2, 1), size=(11, 6), bias=False),
     depthwise_case("even_same", kernel_size=(2, 4), padding="same", size=(6, 7)),
     depthwise_case("valid", padding=0, channels=2, batch=1, size=(5, 8)),
-    # padded into an NCHW copy, so it runs the code compiled for the first case (same shapes)
+    # channels-last inputs run their own channels-last code (NHWC padded copies, taps (kH, kW, C), NHWC results)
     depthwise_case("3x3_pad1_channels_last", padding=1, batch=3, size=(7, 9), layout="channels_last"),
+    depthwise_case(
+        "dilated_channels_last", channels=5, kernel_size=(3, 5), padding=(2, 3), dilation=(1, 2), size=(6, 9), layout="channels_last"
+    ),
 ]
 
 
@@ -51,10 +54,10 @@ def _spec(case: Case, input, weight, bias):
     return normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
 
 
-# float32 on the first case only: each case compiles for seconds.
+# float32 on the first NCHW and channels-last cases only: each case compiles for seconds.
 @pytest.mark.parametrize(
     ("case", "dtype"),
-    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32)],
+    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32), (CASES[4], torch.float32)],
     ids=lambda value: getattr(value, "id", str(value)),
 )
 def test_compiled_path_matches_the_oracle(case, dtype, compile_sync):
@@ -66,10 +69,10 @@ def test_compiled_path_matches_the_oracle(case, dtype, compile_sync):
     assert_compiled_ran(before)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda case: case.id)
 @pytest.mark.parametrize("wanted", ["input", "weight"])
-def test_one_gradient_alone(wanted, compile_sync):
-    """Backward compiled for one gradient (autograd asks only for what requires grad)."""
-    case = CASES[0]
+def test_one_gradient_alone(wanted, case, compile_sync):
+    """Backward compiled for one gradient (autograd asks only for what requires grad), NCHW and channels-last."""
     input, weight, _ = make_inputs(case, torch.float64, "cpu", seed=5)
     input, weight = input.detach().requires_grad_(wanted == "input"), weight.detach().requires_grad_(wanted == "weight")
     leaf = input if wanted == "input" else weight
