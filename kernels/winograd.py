@@ -23,8 +23,8 @@ workspace limit.
 groups == 1, 3x3, stride 1, dilation 1 only. The backward uses out= buffers, so when autograd
 records it (double backward) it delegates to shifted_gemm's differentiable backward.
 
-On the CPU (float32/64, NCHW) each pass first asks `winograd_compiled` for transforms compiled for the
-problem's shapes (one pass per transform instead of ~30); until they are compiled, or where compiling
+On the CPU (float32/64, NCHW or channels-last) each pass first asks `winograd_compiled` for transforms compiled
+for the problem's shapes (one pass per transform instead of ~30); until they are compiled, or where compiling
 is off or failed, the eager transforms below run.
 """
 

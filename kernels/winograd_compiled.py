@@ -1,17 +1,21 @@
-"""Winograd F(2x2, 3x3) on the CPU with its tile transforms compiled (kernels/compiled.py), NCHW throughout.
+"""Winograd F(2x2, 3x3) on the CPU with its tile transforms compiled (kernels/compiled.py).
 
 The eager transforms (kernels/winograd.py) are ~30 elementwise passes through scratch buffers, about
 as much time as the 16 GEMMs they feed (64x56 at batch 4: 6.8 vs 7.4 ms). Compiled, each transform is
-one pass:
+one pass. For an NCHW input, channel-major throughout:
 
     forward      input -> column phases (eager copy) -> V = B^T d B (compiled) -> M = U V (16 GEMMs)
                  -> Y = A^T M A + bias (compiled, written NCHW)
     grad_input   the same, on grad_output padded by 2 - padding, with the kernel flipped and transposed
     grad_weight  V as in forward, dM = A dY A^T (compiled, from the grad's column phases),
-                 dU = V dM^T (16 GEMMs), dW = G^T dU G
+                 dU^T = dM V^T (16 GEMMs), dW = G^T dU G (compiled)
+
+For a channels-last input, forward and grad_input run channels-last (`_forward_nhwc`: an NHWC tile grid, tiles
+(16, P, C), products (P, K), output NHWC), with no transposing copy either way; grad_weight reads it through
+its column phases as above.
 
 The GEMMs go through kernels/gemm.py (oneDNN's or torch's, whichever is faster on this CPU), so the
-output transform takes the 16 products as separate tensors: stacking them would copy them all.
+transforms after them take the 16 products as separate tensors: stacking them would copy them all.
 
 The column phases ([c, n, r, q, t] = padded[n, c, r, 2t + q], `winograd._column_phases`) stay an eager
 copy: read straight from the padded input, the transform's stride-2 loads ran 3.4x slower (64x56:
@@ -20,7 +24,6 @@ copy: read straight from the padded input, the transform's stride-2 loads ran 3.
 Until the transforms are compiled for the problem's shapes, `forward` and `grad_input` return None and
 the caller runs the eager path.
 """
-
 from __future__ import annotations
 
 import torch
