@@ -24,6 +24,7 @@ copy: read straight from the padded input, the transform's stride-2 loads ran 3.
 Until the transforms are compiled for the problem's shapes, `forward` and `grad_input` return None and
 the caller runs the eager path.
 """
+
 from __future__ import annotations
 
 import torch
