@@ -5,7 +5,8 @@ Layout: everything runs channels-last. A patch row for output position (n, y, x)
 (`_patches`), so unfolding is a single gather-copy and each GEMM reads contiguous memory. The
 patch matrix is built in row blocks (`_row_blocks`) so it never exceeds the workspace limit; 1x1
 stride-1 convs need no copy at all. NCHW inputs with few channels (the 7x7 stem) instead gather
-F.unfold-order columns from a stride-phase split of the input (`_phase_forward`). grad_input is a
+F.unfold-order columns from a stride-phase split of the input (`_phase_columns`), for the forward and for
+grad_weight (`_phase_forward`, `_phase_grad_weight`). grad_input is a
 chunked per-tap scatter of the column gradient, or, for few input channels per group,
 W^T @ grad_output folded back by F.fold in NCHW.
 Depthwise convs (one input channel per group) are not GEMMs:
