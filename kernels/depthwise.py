@@ -43,6 +43,7 @@ import torch
 
 from kernels import depthwise_compiled
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.layout import strictly_channels_last
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
@@ -403,7 +404,7 @@ class Depthwise(ConvAlgorithm):
         kernel = tuple(weight.shape[2:])
         in_hw = tuple(input.shape[2:])
         out_hw = spec.output_size(*in_hw, *kernel)
-        memory_format = torch.channels_last if _channels_last(input) else torch.contiguous_format
+        memory_format = torch.channels_last if strictly_channels_last(input) else torch.contiguous_format
         taps = list(_taps(spec, kernel, in_hw, out_hw))
         # A tap that reads a valid pixel for every output (the centre one, usually) writes first:
         # one pass fewer than zero-filling and accumulating.
@@ -434,7 +435,7 @@ class Depthwise(ConvAlgorithm):
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         if depthwise_compiled.eligible(input, weight, spec):
             # the grad in the layout the compiled code reads: the input's (NCHW, or channels-last)
-            grad = grad_output.contiguous(memory_format=torch.channels_last if _channels_last(input) else torch.contiguous_format)
+            grad = grad_output.contiguous(memory_format=torch.channels_last if strictly_channels_last(input) else torch.contiguous_format)
             grads = depthwise_compiled.backward(grad, input, weight, spec, need_input, need_weight)
             if grads is not None:
                 return grads
@@ -468,10 +469,6 @@ class Depthwise(ConvAlgorithm):
         if grad_weight is not None:
             grad_weight = grad_weight.view(weight.shape)  # (C, m, kH, kW) -> (C*m, 1, kH, kW): index c*m + k
         return grad_input, grad_weight
-
-
-def _channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
 register(Depthwise())

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import compiled
+from kernels.layout import strictly_channels_last
 from kernels.limits import macs
 from kernels.params import ConvSpec
 
@@ -28,7 +29,7 @@ MIN_MACS = 1 << 18
 
 def eligible(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
     """`compiled.takes` the input (CPU, float32/64, NCHW or channels-last, grad off), stride 1, multiplier 1, padding within
-    the kernel's reach. A channels-last input runs channels-last (`_forward_nhwc`, `_backward_nhwc`)."""
+    the kernel's reach. A channels-last input runs channels-last (NHWC padded copies and tap sums)."""
     batch, channels, height, width = input.shape
     kernel_h, kernel_w = weight.shape[2:]
     top, bottom, left, right = spec.padding
@@ -49,88 +50,68 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """input (N, C, H, W) contiguous or channels-last, weight (C, 1, kH, kW) -> (N, C, H_out, W_out) in the input's
     layout, or None (not compiled yet)."""
     top, bottom, left, right = spec.padding
-    if _channels_last(input):
-        taps = weight.view(weight.shape[0], *weight.shape[2:]).permute(1, 2, 0).contiguous()  # (kH, kW, C)
-        padded_like = _padded_like(input, top + bottom, left + right).permute(0, 2, 3, 1).contiguous()
-        if not compiled.ready(_forward_nhwc, padded_like, taps, bias, *spec.dilation):
-            return None
-        output = compiled.run(_forward_nhwc, _padded_nhwc(input, (left, right, top, bottom)), taps, bias, *spec.dilation)
-        return output.permute(0, 3, 1, 2)
-    taps = weight.view(weight.shape[0], *weight.shape[2:]).contiguous()
-    if not compiled.ready(_forward, _padded_like(input, top + bottom, left + right), taps, bias, *spec.dilation):
+    nhwc = strictly_channels_last(input)
+    taps = _taps(weight, nhwc)
+    padded_like = _padded_like(input, top + bottom, left + right, nhwc)
+    if not compiled.ready(_forward, padded_like, taps, bias, *spec.dilation, int(nhwc)):
         return None
-    return compiled.run(_forward, _padded(input, (left, right, top, bottom)), taps, bias, *spec.dilation)
+    output = compiled.run(_forward, _padded(input, (left, right, top, bottom), nhwc), taps, bias, *spec.dilation, int(nhwc))
+    return output.permute(0, 3, 1, 2) if nhwc else output
 
 
 def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool):
     """(grad_input (N, C, H, W) or None, grad_weight (C, 1, kH, kW) or None), or None (not compiled yet).
 
-    grad_output (N, C, H_out, W_out), in the input's layout (NCHW-contiguous or channels-last).
+    grad_output (N, C, H_out, W_out), in the input's layout (NCHW-contiguous or channels-last); grad_input in it too.
     """
     top, bottom, left, right = spec.padding
     reach_h, reach_w = spec.dilation[0] * (weight.shape[2] - 1), spec.dilation[1] * (weight.shape[3] - 1)
     grad_pads = (reach_w - left, reach_w - right, reach_h - top, reach_h - bottom)
-    if _channels_last(input):
-        return _backward_channels_last(grad_output, input, weight, spec, need_input, need_weight, grad_pads)
-    taps = weight.view(weight.shape[0], *weight.shape[2:]).contiguous()
+    nhwc = strictly_channels_last(input)
+    taps = _taps(weight, nhwc)
+    grad = grad_output.permute(0, 2, 3, 1) if nhwc else grad_output  # a contiguous view either way
     stand_ins = (
-        _padded_like(grad_output, grad_pads[2] + grad_pads[3], grad_pads[0] + grad_pads[1]) if need_input else None,
+        _padded_like(grad_output, grad_pads[2] + grad_pads[3], grad_pads[0] + grad_pads[1], nhwc) if need_input else None,
         taps,
-        _padded_like(input, top + bottom, left + right) if need_weight else None,
+        _padded_like(input, top + bottom, left + right, nhwc) if need_weight else None,
     )
-    if not compiled.ready(_backward, *stand_ins, grad_output, *spec.dilation):
+    if not compiled.ready(_backward, *stand_ins, grad, *spec.dilation, int(nhwc)):
         return None
     grads = compiled.run(
         _backward,
-        _padded(grad_output, grad_pads) if need_input else None,
+        _padded(grad_output, grad_pads, nhwc) if need_input else None,
         taps,
-        _padded(input, (left, right, top, bottom)) if need_weight else None,
-        grad_output,
+        _padded(input, (left, right, top, bottom), nhwc) if need_weight else None,
+        grad,
         *spec.dilation,
+        int(nhwc),
     )
     if grads is None:  # compiling was turned off in between
         return None
     grad_input, grad_weight = grads
-    return grad_input, None if grad_weight is None else grad_weight.view(weight.shape)
+    if nhwc and grad_input is not None:
+        grad_input = grad_input.permute(0, 3, 1, 2)
+    if nhwc and grad_weight is not None:
+        grad_weight = grad_weight.t()
+    return grad_input, None if grad_weight is None else grad_weight.reshape(weight.shape)
 
 
-def _backward_channels_last(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool, grad_pads):
-    """`backward` for a channels-last input, channels-last throughout (`_backward_nhwc`); grad_input channels-last."""
-    top, bottom, left, right = spec.padding
-    taps = weight.view(weight.shape[0], *weight.shape[2:]).permute(1, 2, 0).contiguous()  # (kH, kW, C)
-    grad = grad_output.permute(0, 2, 3, 1)  # (N, H_out, W_out, C): a contiguous view for a channels-last grad
-    stand_ins = (
-        _padded_like(grad_output, grad_pads[2] + grad_pads[3], grad_pads[0] + grad_pads[1]).permute(0, 2, 3, 1).contiguous()
-        if need_input
-        else None,
-        taps,
-        _padded_like(input, top + bottom, left + right).permute(0, 2, 3, 1).contiguous() if need_weight else None,
-        grad,
-    )
-    if not compiled.ready(_backward_nhwc, *stand_ins, *spec.dilation):
-        return None
-    grads = compiled.run(
-        _backward_nhwc,
-        _padded_nhwc(grad_output, grad_pads) if need_input else None,
-        taps,
-        _padded_nhwc(input, (left, right, top, bottom)) if need_weight else None,
-        grad,
-        *spec.dilation,
-    )
-    if grads is None:  # compiling was turned off in between
-        return None
-    grad_input, grad_weight = grads
-    grad_input = None if grad_input is None else grad_input.permute(0, 3, 1, 2)
-    return grad_input, None if grad_weight is None else grad_weight.t().reshape(weight.shape)
+def _taps(weight: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """weight (C, 1, kH, kW) -> (C, kH, kW), or (kH, kW, C) for a channels-last input (each tap's C values contiguous)."""
+    taps = weight.view(weight.shape[0], *weight.shape[2:])
+    return taps.permute(1, 2, 0).contiguous() if nhwc else taps.contiguous()
 
 
-def _channels_last(tensor: torch.Tensor) -> bool:
-    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+def _tap(taps: torch.Tensor, i: int, j: int, channels_last: int) -> torch.Tensor:
+    """Tap (i, j) of `_taps`, shaped to broadcast over a window: (C,) for NHWC, (C, 1, 1) for NCHW."""
+    return taps[i, j] if channels_last else taps[:, i, j].view(-1, 1, 1)
 
 
-def _padded_nhwc(tensor: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """The zero-padded (N, H + top + bottom, W + left + right, C) copy (pads: left, right, top, bottom) of an (N, C, H, W)
-    tensor: from a channels-last one a plain copy."""
+def _padded(tensor: torch.Tensor, pads: tuple[int, int, int, int], nhwc: bool) -> torch.Tensor:
+    """The zero-padded copy (pads: left, right, top, bottom) of an (N, C, H, W) tensor: F.pad's (NCHW) or, for a
+    channels-last one, (N, H + top + bottom, W + left + right, C) (a plain copy, no transpose)."""
+    if not nhwc:
+        return F.pad(tensor, pads)
     left, right, top, bottom = pads
     batch, channels, height, width = tensor.shape
     padded = tensor.new_zeros(batch, height + top + bottom, width + left + right, channels)
@@ -138,95 +119,58 @@ def _padded_nhwc(tensor: torch.Tensor, pads: tuple[int, int, int, int]) -> torch
     return padded
 
 
-def _padded(tensor: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """F.pad's zero-padded copy (pads: left, right, top, bottom), NCHW-contiguous whatever the tensor's layout.
+def _padded_like(tensor: torch.Tensor, rows: int, columns: int, nhwc: bool) -> torch.Tensor:
+    """A meta tensor shaped and strided as `_padded`'s copy of `tensor` with `rows` and `columns` more."""
+    batch, channels, height, width = tensor.shape
+    shape = (batch, height + rows, width + columns, channels) if nhwc else (batch, channels, height + rows, width + columns)
+    return torch.empty(shape, dtype=tensor.dtype, device="meta")
 
-    Channels-last tensors get one transposing copy into a zeroed NCHW buffer (`forward` and `backward` take
-    channels-last inputs channels-last instead: `_forward_nhwc`).
+
+def _window(source: torch.Tensor, i: int, j: int, rows: int, columns: int, channels_last: int) -> torch.Tensor:
+    """The (rows, columns) window of source (N, C, H, W), or (N, H, W, C) for channels_last, at offset (i, j)."""
+    height_dim = 1 if channels_last else 2
+    return source.narrow(height_dim, i, rows).narrow(height_dim + 1, j, columns)
+
+
+def _tap_sum(source: torch.Tensor, taps: torch.Tensor, dil_h: int, dil_w: int, channels_last: int) -> torch.Tensor:
+    """source (N, C, Hs, Ws) (or (N, Hs, Ws, C)), `_taps` -> the sum of w * shifted source, (N, C, H_out,
+    W_out) (or (N, H_out, W_out, C)), H_out = Hs - dil_h*(kH-1), W_out = Ws - dil_w*(kW-1).
+
+    Channels-last is summed over NHWC tensors, so Inductor vectorises along the channels. The NCHW code compiled for
+    channels-last strides ran 7x slower (dw 96x28, batch 4: 336 vs 47 us), and an NCHW copy each way cost ~0.16 ms of a
+    0.24 ms forward; this way the forward takes 89 us (nn.Conv2d: 68; round 19).
     """
-    left, right, top, bottom = pads
-    if tensor.is_contiguous():
-        return F.pad(tensor, pads)
-    batch, channels, height, width = tensor.shape
-    padded = tensor.new_zeros(batch, channels, height + top + bottom, width + left + right)
-    padded[:, :, top : top + height, left : left + width] = tensor
-    return padded
-
-
-def _padded_like(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """A meta tensor shaped (and, contiguous, strided) as F.pad's copy of `tensor` with `rows` and `columns` more."""
-    batch, channels, height, width = tensor.shape
-    return torch.empty(batch, channels, height + rows, width + columns, dtype=tensor.dtype, device="meta")
-
-
-def _tap_sum(source: torch.Tensor, taps: torch.Tensor, dil_h: int, dil_w: int) -> torch.Tensor:
-    """source (N, C, Hs, Ws), taps (C, kH, kW) -> (N, C, Hs - dil_h*(kH-1), Ws - dil_w*(kW-1)): sum of w * shifted source."""
-    kernel_h, kernel_w = taps.shape[1:]
-    out_h, out_w = source.shape[2] - dil_h * (kernel_h - 1), source.shape[3] - dil_w * (kernel_w - 1)
+    kernel_h, kernel_w = taps.shape[:2] if channels_last else taps.shape[1:]
+    height_dim = 1 if channels_last else 2
+    out_h = source.shape[height_dim] - dil_h * (kernel_h - 1)
+    out_w = source.shape[height_dim + 1] - dil_w * (kernel_w - 1)
     total = None
     for i in range(kernel_h):
         for j in range(kernel_w):
-            window = source[:, :, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w]
-            term = window * taps[:, i, j].view(1, -1, 1, 1)
+            term = _window(source, i * dil_h, j * dil_w, out_h, out_w, channels_last) * _tap(taps, i, j, channels_last)
             total = term if total is None else total + term
     return total
 
 
-def _forward(padded_input, taps, bias, dil_h: int, dil_w: int):
-    output = _tap_sum(padded_input, taps, dil_h, dil_w)
-    return output if bias is None else output + bias.view(1, -1, 1, 1)
+def _forward(padded_input, taps, bias, dil_h: int, dil_w: int, channels_last: int):
+    output = _tap_sum(padded_input, taps, dil_h, dil_w, channels_last)
+    return output if bias is None else output + (bias if channels_last else bias.view(-1, 1, 1))
 
 
-def _backward(padded_grad, taps, padded_input, grad_output, dil_h: int, dil_w: int):
+def _backward(padded_grad, taps, padded_input, grad_output, dil_h: int, dil_w: int, channels_last: int):
+    """grad_input in the layout of padded_grad; grad_weight (C, kH*kW), or (kH*kW, C) channels-last."""
     grad_input = grad_weight = None
     if padded_grad is not None:
-        grad_input = _tap_sum(padded_grad, taps.flip(1, 2), dil_h, dil_w)
+        grad_input = _tap_sum(padded_grad, taps.flip(0, 1) if channels_last else taps.flip(1, 2), dil_h, dil_w, channels_last)
     if padded_input is not None:
-        kernel_h, kernel_w = taps.shape[1:]
-        out_h, out_w = grad_output.shape[2:]
+        kernel_h, kernel_w = taps.shape[:2] if channels_last else taps.shape[1:]
+        height_dim = 1 if channels_last else 2
+        out_h, out_w = grad_output.shape[height_dim : height_dim + 2]
+        spatial = (0, height_dim, height_dim + 1)
         sums = [
-            (padded_input[:, :, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w] * grad_output).sum(dim=(0, 2, 3))
+            (_window(padded_input, i * dil_h, j * dil_w, out_h, out_w, channels_last) * grad_output).sum(dim=spatial)
             for i in range(kernel_h)
             for j in range(kernel_w)
         ]
-        grad_weight = torch.stack(sums, dim=1)  # (C, kH*kW)
-    return grad_input, grad_weight
-
-
-def _tap_sum_nhwc(source: torch.Tensor, taps: torch.Tensor, dil_h: int, dil_w: int) -> torch.Tensor:
-    """`_tap_sum` channels-last: source (N, Hs, Ws, C), taps (kH, kW, C) -> (N, H_out, W_out, C).
-
-    Written over NHWC tensors, so Inductor vectorises along the channels. The NCHW code compiled for channels-last
-    strides ran 7x slower (dw 96x28, batch 4: 336 vs 47 us), and an NCHW copy each way cost ~0.16 ms of a 0.24 ms
-    forward; this way the forward takes 89 us (nn.Conv2d: 68; round 19).
-    """
-    kernel_h, kernel_w = taps.shape[:2]
-    out_h, out_w = source.shape[1] - dil_h * (kernel_h - 1), source.shape[2] - dil_w * (kernel_w - 1)
-    total = None
-    for i in range(kernel_h):
-        for j in range(kernel_w):
-            term = source[:, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w] * taps[i, j]
-            total = term if total is None else total + term
-    return total
-
-
-def _forward_nhwc(padded_input, taps, bias, dil_h: int, dil_w: int):
-    output = _tap_sum_nhwc(padded_input, taps, dil_h, dil_w)
-    return output if bias is None else output + bias
-
-
-def _backward_nhwc(padded_grad, taps, padded_input, grad, dil_h: int, dil_w: int):
-    """`_backward` channels-last: grad (N, H_out, W_out, C); grad_input (N, H, W, C), grad_weight (kH*kW, C)."""
-    grad_input = grad_weight = None
-    if padded_grad is not None:
-        grad_input = _tap_sum_nhwc(padded_grad, taps.flip(0, 1), dil_h, dil_w)
-    if padded_input is not None:
-        kernel_h, kernel_w = taps.shape[:2]
-        out_h, out_w = grad.shape[1:3]
-        sums = [
-            (padded_input[:, i * dil_h : i * dil_h + out_h, j * dil_w : j * dil_w + out_w] * grad).sum(dim=(0, 1, 2))
-            for i in range(kernel_h)
-            for j in range(kernel_w)
-        ]
-        grad_weight = torch.stack(sums)  # (kH*kW, C)
+        grad_weight = torch.stack(sums, dim=0 if channels_last else 1)
     return grad_input, grad_weight

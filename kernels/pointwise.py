@@ -14,12 +14,9 @@ import torch
 
 from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.layout import strictly_channels_last
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
-
-
-def _channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
 def _subsampled(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -71,7 +68,7 @@ class Pointwise(ConvAlgorithm):
         batch, _, out_height, out_width = pixels.shape
         matrix = weight.reshape(weight.shape[0], weight.shape[1])  # (C_out, C_in/g)
         ins, outs = _blocks(spec.groups, input.shape[1]), _blocks(spec.groups, weight.shape[0])
-        if _channels_last(pixels):
+        if strictly_channels_last(pixels):
             rows = pixels.permute(0, 2, 3, 1).reshape(-1, input.shape[1])  # (N*H_out*W_out, C_in)
             blocks = [self._mm(rows[:, i], matrix[o].t(), None if bias is None else bias[o]) for i, o in zip(ins, outs)]
             output = blocks[0] if spec.groups == 1 else torch.cat(blocks, dim=1)
@@ -98,7 +95,7 @@ class Pointwise(ConvAlgorithm):
         out_channels = weight.shape[0]
         matrix = weight.reshape(out_channels, weight.shape[1])
         ins, outs = _blocks(spec.groups, in_channels), _blocks(spec.groups, out_channels)
-        if _channels_last(grad_output) or _channels_last(pixels):
+        if strictly_channels_last(grad_output) or strictly_channels_last(pixels):
             grad = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (N*L, C_out)
             rows = pixels.permute(0, 2, 3, 1).reshape(-1, in_channels)
             grad_weight = [gemm.mm(grad[:, o].t(), rows[:, i]) for i, o in zip(ins, outs)] if need_weight else None

@@ -100,12 +100,15 @@ def test_under_inference_mode_as_the_service_calls_it(compile_sync):
 
 
 def test_the_compiled_graphs_hold_no_conv_op():
-    """What Inductor is given for forward and backward: aten ops with no convolution among them."""
+    """What Inductor is given for forward and backward, NCHW and channels-last: aten ops with no convolution among them."""
     padded, taps, bias, grad = torch.randn(2, 3, 8, 9), torch.randn(3, 3, 3), torch.randn(3), torch.randn(2, 3, 6, 7)
     padded_grad = torch.randn(2, 3, 10, 11)
+    nhwc = [tensor.permute(0, 2, 3, 1).contiguous() for tensor in (padded, grad, padded_grad)]
     graphs = {
-        "forward": make_fx(depthwise_compiled._forward)(padded, taps, bias, 1, 1),
-        "backward": make_fx(depthwise_compiled._backward)(padded_grad, taps, padded, grad, 1, 1),
+        "forward": make_fx(depthwise_compiled._forward)(padded, taps, bias, 1, 1, 0),
+        "backward": make_fx(depthwise_compiled._backward)(padded_grad, taps, padded, grad, 1, 1, 0),
+        "channels-last forward": make_fx(depthwise_compiled._forward)(nhwc[0], taps, bias, 1, 1, 1),
+        "channels-last backward": make_fx(depthwise_compiled._backward)(nhwc[2], taps, nhwc[0], nhwc[1], 1, 1, 1),
     }
     for name, graph in graphs.items():
         ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
