@@ -10,7 +10,7 @@ one pass. For an NCHW input, channel-major throughout:
     grad_weight  V as in forward, dM = A dY A^T (compiled, from the grad's column phases),
                  dU^T = dM V^T (16 GEMMs), dW = G^T dU G (compiled)
 
-For a channels-last input, forward and grad_input run channels-last (`_forward_nhwc`: an NHWC tile grid, tiles
+For a channels-last input, forward and grad_input run channels-last (an NHWC tile grid, tiles
 (16, P, C), products (P, K), output NHWC), with no transposing copy either way; grad_weight reads it through
 its column phases as above.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from kernels import compiled, gemm
+from kernels.layout import strictly_channels_last
 from kernels.limits import get_limits
 from kernels.params import ConvSpec
 
@@ -40,26 +41,23 @@ def eligible(tensor: torch.Tensor, channels_last: bool = False) -> bool:
     return compiled.takes(tensor, channels_last)
 
 
-def _channels_last(tensor: torch.Tensor) -> bool:
-    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
-
-
 def _fits(batch: int, tiles_h: int, tiles_w: int, channels: int, like: torch.Tensor) -> bool:
     """Whether the unchunked tile buffers (16 values per tile and channel) stay within the workspace limit."""
     return 16 * batch * tiles_h * tiles_w * channels * like.element_size() <= get_limits().im2col_workspace_bytes
 
 
 def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """input (N, C, H, W) contiguous, weight (K, C, 3, 3), pads (top, bottom, left, right) >= 0 -> (N, K, H_out, W_out), or None.
+    """input (N, C, H, W) contiguous or channels-last, weight (K, C, 3, 3), pads (top, bottom, left, right) >= 0
+    -> (N, K, H_out, W_out) in the input's layout, or None.
 
     None also where the tile buffers (16 values per 4 inputs or outputs, unchunked) would pass the workspace limit.
-    A channels-last input runs channels-last throughout (`_forward_nhwc`) and gives a channels-last output.
+    NCHW runs channel-major: column phases, V (16, C, P), products U[xi] (K, C) @ V[xi]. Channels-last runs channels-last:
+    an NHWC tile grid (a padded copy, no transpose), V (16, P, C), products V[xi] (P, C) @ U[xi] (C, K), output written
+    NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save (round 19).
     """
-    from kernels.winograd import _column_phases, _transformed_weight
+    from kernels.winograd import _column_phases, _tile_input, _transformed_weight
 
-    if _channels_last(input):
-        return _forward_nhwc(input, weight, bias, pads)
-
+    nhwc = strictly_channels_last(input)
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]
     out_height, out_width = input.shape[2] + pads[0] + pads[1] - 2, input.shape[3] + pads[2] + pads[3] - 2
@@ -67,52 +65,30 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     positions = batch * tiles_h * tiles_w
     if not _fits(batch, tiles_h, tiles_w, max(channels, out_channels), input):
         return None
+    if nhwc:
+        input_stage, output_stage = _input_tiles_nhwc, _output_tiles_nhwc
+        source_shape, product_shape = (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels), (positions, out_channels)
+    else:
+        input_stage, output_stage = _input_tiles, _output_tiles
+        source_shape, product_shape = (channels, batch, 2 * tiles_h + 2, 2, tiles_w + 1), (out_channels, positions)
     # Both transforms' keys first (meta stand-ins), so that the first call queues both compiles.
-    split_shape = (channels, batch, 2 * tiles_h + 2, 2, tiles_w + 1)
-    products_like = [torch.empty(out_channels, positions, dtype=input.dtype, device="meta")] * 16
+    products_like = [torch.empty(product_shape, dtype=input.dtype, device="meta")] * 16
     bias_like = None if bias is None else torch.empty_like(bias, device="meta")
     stages_ready = [
-        compiled.ready(_input_tiles, torch.empty(split_shape, dtype=input.dtype, device="meta")),
-        compiled.ready(_output_tiles, bias_like, batch, tiles_h, tiles_w, *products_like),
+        compiled.ready(input_stage, torch.empty(source_shape, dtype=input.dtype, device="meta")),
+        compiled.ready(output_stage, bias_like, batch, tiles_h, tiles_w, *products_like),
     ]
     if not all(stages_ready):
         return None
-    split, _, _ = _column_phases(input, pads)
-    tiles = compiled.run(_input_tiles, split)
-    products = gemm.products(_transformed_weight(weight).transpose(1, 2), tiles)  # 16 x (K, P): U[xi] (K, C) @ V[xi]
-    output = compiled.run(_output_tiles, bias, batch, tiles_h, tiles_w, *products)
-    return output[:, :, :out_height, :out_width]
-
-
-def _forward_nhwc(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: tuple[int, int, int, int]
-) -> torch.Tensor | None:
-    """`forward` for a channels-last input: NHWC tile grid (a padded copy, no transpose), V (16, P, C), products
-    V[xi] (P, C) @ U[xi] (C, K), output written NHWC: no transposing copy on the way in or out. From an NCHW
-    input the two transposing copies cost what this layout's faster products and transforms save (round 19)."""
-    from kernels.winograd import _tile_input, _transformed_weight
-
-    batch, channels = input.shape[:2]
-    out_channels = weight.shape[0]
-    out_height, out_width = input.shape[2] + pads[0] + pads[1] - 2, input.shape[3] + pads[2] + pads[3] - 2
-    tiles_h, tiles_w = -(-out_height // 2), -(-out_width // 2)
-    positions = batch * tiles_h * tiles_w
-    if not _fits(batch, tiles_h, tiles_w, max(channels, out_channels), input):
-        return None
-    grid_shape = (batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels)
-    products_like = [torch.empty(positions, out_channels, dtype=input.dtype, device="meta")] * 16
-    bias_like = None if bias is None else torch.empty_like(bias, device="meta")
-    stages_ready = [
-        compiled.ready(_input_tiles_nhwc, torch.empty(grid_shape, dtype=input.dtype, device="meta")),
-        compiled.ready(_output_tiles_nhwc, bias_like, batch, tiles_h, tiles_w, *products_like),
-    ]
-    if not all(stages_ready):
-        return None
-    grid, _ = _tile_input(input, pads)  # (N, 2*T_h + 2, 2*T_w + 2, C), zero-padded
-    tiles = compiled.run(_input_tiles_nhwc, grid)
-    products = gemm.products(tiles, _transformed_weight(weight))  # 16 x (P, K): V[xi] (P, C) @ U[xi] (C, K)
-    output = compiled.run(_output_tiles_nhwc, bias, batch, tiles_h, tiles_w, *products)
-    return output[:, :out_height, :out_width].permute(0, 3, 1, 2)
+    transformed = _transformed_weight(weight)  # U (16, C, K)
+    if nhwc:
+        tiles = compiled.run(input_stage, _tile_input(input, pads)[0])
+        products = gemm.products(tiles, transformed)  # 16 x (P, K): V[xi] (P, C) @ U[xi] (C, K)
+    else:
+        tiles = compiled.run(input_stage, _column_phases(input, pads)[0])
+        products = gemm.products(transformed.transpose(1, 2), tiles)  # 16 x (K, P): U[xi] (K, C) @ V[xi]
+    output = compiled.run(output_stage, bias, batch, tiles_h, tiles_w, *products)
+    return output[:, :out_height, :out_width].permute(0, 3, 1, 2) if nhwc else output[:, :, :out_height, :out_width]
 
 
 def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor | None:
@@ -174,35 +150,40 @@ def _weight_grad(*products: torch.Tensor) -> torch.Tensor:
     return torch.stack(taps, dim=-1).view(out_channels, channels, 3, 3)
 
 
-def _input_tiles(split: torch.Tensor) -> torch.Tensor:
-    """split (C, N, 2*T_h + 2, 2, T_w + 1), [c, n, r, q, t] = padded[n, c, r, 2t + q] -> V = B^T d B (16, C, N*T_h*T_w).
+def _bt(d: list[torch.Tensor]) -> list[torch.Tensor]:
+    """B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] applied to 4 rows (or columns) of tiles."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 
-    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], applied to the rows, then the columns, of each 4x4 tile.
-    """
+
+def _at_tiles(tiles: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """A^T M A of 4x4 tiles given as tiles[row][column]: A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] applied to the rows, then
+    the columns -> the 4 outputs, [2u + v] = output (2ty + u, 2tx + v)."""
+
+    def at(m: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+    per_column = [at([tiles[row][column] for row in range(4)]) for column in range(4)]  # [output row u] per tile column
+    return [value for u in range(2) for value in at([per_column[column][u] for column in range(4)])]
+
+
+def _input_tiles(split: torch.Tensor) -> torch.Tensor:
+    """split (C, N, 2*T_h + 2, 2, T_w + 1), [c, n, r, q, t] = padded[n, c, r, 2t + q] -> V = B^T d B (16, C, N*T_h*T_w),
+    B^T applied to the rows, then the columns, of each 4x4 tile."""
     channels, batch, height, _, width = split.shape
     tiles_h, tiles_w = (height - 2) // 2, width - 1
     rows = [split[:, :, k : k + 2 * tiles_h : 2] for k in range(4)]  # row k of every tile: (C, N, T_h, 2, T_w + 1)
     tiles = []
-    for mixed in (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3]):
-        cols = [mixed[:, :, :, k % 2, k // 2 : k // 2 + tiles_w] for k in range(4)]  # column 2t + k: phase k % 2, t + k // 2
-        tiles += [cols[0] - cols[2], cols[1] + cols[2], cols[2] - cols[1], cols[1] - cols[3]]
+    for mixed in _bt(rows):  # column 2t + k: phase k % 2, t + k // 2
+        tiles += _bt([mixed[:, :, :, k % 2, k // 2 : k // 2 + tiles_w] for k in range(4)])
     return torch.stack(tiles).reshape(16, channels, batch * tiles_h * tiles_w)
 
 
 def _output_tiles(bias: torch.Tensor | None, batch: int, tiles_h: int, tiles_w: int, *products: torch.Tensor) -> torch.Tensor:
-    """products M[xi] (K, N*T_h*T_w), 16 of them -> Y = A^T M A (N, K, 2*T_h, 2*T_w), plus bias (K,).
-
-    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], applied to the rows, then the columns, of each 4x4 tile.
-    """
+    """products M[xi] (K, N*T_h*T_w), 16 of them -> Y = A^T M A (N, K, 2*T_h, 2*T_w), plus bias (K,)."""
     channels = products[0].shape[0]
     tiles = [[products[4 * row + column].view(channels, batch, tiles_h, tiles_w) for column in range(4)] for row in range(4)]
-    outputs = []
-    top = [first + second + third for first, second, third in zip(tiles[0], tiles[1], tiles[2])]
-    bottom = [second - third - fourth for second, third, fourth in zip(tiles[1], tiles[2], tiles[3])]
-    for mixed in (top, bottom):  # output row u of every tile, per tile column: 4 x (K, N, T_h, T_w)
-        outputs += [mixed[0] + mixed[1] + mixed[2], mixed[1] - mixed[2] - mixed[3]]
-    # outputs[2u + v] is output (2ty + u, 2tx + v): (u, v, K, N, T_h, T_w) -> (N, K, T_h, u, T_w, v)
-    output = torch.stack(outputs).view(2, 2, channels, batch, tiles_h, tiles_w).permute(3, 2, 4, 0, 5, 1)
+    # _at_tiles' outputs, each (K, N, T_h, T_w): (u, v, K, N, T_h, T_w) -> (N, K, T_h, u, T_w, v)
+    output = torch.stack(_at_tiles(tiles)).view(2, 2, channels, batch, tiles_h, tiles_w).permute(3, 2, 4, 0, 5, 1)
     output = output.reshape(batch, channels, 2 * tiles_h, 2 * tiles_w)
     # Without a final elementwise op Inductor writes the stacked values to a buffer and permutes them in a
     # second pass; with one it writes the output in one (64x56: 1.7 vs 3.0 ms). "+ 0.0" is that op.
@@ -216,9 +197,8 @@ def _input_tiles_nhwc(grid: torch.Tensor) -> torch.Tensor:
     tiles_h, tiles_w = (height - 2) // 2, (width - 2) // 2
     rows = [grid[:, k : k + 2 * tiles_h : 2] for k in range(4)]  # row k of every tile: (N, T_h, W, C)
     tiles = []
-    for mixed in (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3]):
-        cols = [mixed[:, :, k : k + 2 * tiles_w : 2] for k in range(4)]  # column k of every tile: (N, T_h, T_w, C)
-        tiles += [cols[0] - cols[2], cols[1] + cols[2], cols[2] - cols[1], cols[1] - cols[3]]
+    for mixed in _bt(rows):  # column k of every tile: (N, T_h, T_w, C)
+        tiles += _bt([mixed[:, :, k : k + 2 * tiles_w : 2] for k in range(4)])
     return torch.stack(tiles).reshape(16, batch * tiles_h * tiles_w, channels)
 
 
@@ -227,13 +207,8 @@ def _output_tiles_nhwc(bias: torch.Tensor | None, batch: int, tiles_h: int, tile
     channels-last."""
     channels = products[0].shape[1]
     tiles = [[products[4 * row + column].view(batch, tiles_h, tiles_w, channels) for column in range(4)] for row in range(4)]
-    outputs = []
-    top = [first + second + third for first, second, third in zip(tiles[0], tiles[1], tiles[2])]
-    bottom = [second - third - fourth for second, third, fourth in zip(tiles[1], tiles[2], tiles[3])]
-    for mixed in (top, bottom):  # output row u of every tile, per tile column: 4 x (N, T_h, T_w, K)
-        outputs += [mixed[0] + mixed[1] + mixed[2], mixed[1] - mixed[2] - mixed[3]]
-    # outputs[2u + v] is output (2ty + u, 2tx + v): (u, v, N, T_h, T_w, K) -> (N, T_h, u, T_w, v, K)
-    output = torch.stack(outputs).view(2, 2, batch, tiles_h, tiles_w, channels).permute(2, 3, 0, 4, 1, 5)
+    # _at_tiles' outputs, each (N, T_h, T_w, K): (u, v, N, T_h, T_w, K) -> (N, T_h, u, T_w, v, K)
+    output = torch.stack(_at_tiles(tiles)).view(2, 2, batch, tiles_h, tiles_w, channels).permute(2, 3, 0, 4, 1, 5)
     output = output.reshape(batch, 2 * tiles_h, 2 * tiles_w, channels)
     return output + (0.0 if bias is None else bias)  # "+ 0.0": one pass, as in `_output_tiles`
 
