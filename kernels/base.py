@@ -95,6 +95,28 @@ class ConvAlgorithm(ABC):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """-> (grad_input like input or None, grad_weight like weight or None)."""
 
+    def forward_keeping(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec
+    ) -> tuple[torch.Tensor, object]:
+        """`forward`, plus what this algorithm's backward on the same input and weight can reuse (None: nothing).
+
+        Autograd calls it and hands the kept value to `backward_kept`; what is kept lives until then, so an
+        algorithm keeps only what `Limits.kept_for_backward_bytes` allows."""
+        return self.forward(input, weight, bias, spec), None
+
+    def backward_kept(
+        self,
+        kept: object,
+        grad_output: torch.Tensor,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        spec: ConvSpec,
+        need_input: bool,
+        need_weight: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`backward`, given what `forward_keeping` kept from the forward of this input and weight."""
+        return self.backward(grad_output, input, weight, spec, need_input, need_weight)
+
 
 _REGISTRY: dict[str, ConvAlgorithm] = {}
 

@@ -112,15 +112,27 @@ _BATCHABLE_BACKWARD = frozenset({"im2col", "unfold", "shifted_gemm", "winograd",
 def _backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grad_input, grad_weight = gradients(grad_output, input, weight, *ctx.conv, need_input, need_weight)
+    kept, ctx.kept = getattr(ctx, "kept", None), None  # used once: a second backward (retain_graph) recomputes it
+    grad_input, grad_weight = gradients(grad_output, input, weight, *ctx.conv, need_input, need_weight, kept)
     grad_bias = grad_output.sum(dim=(0, 2, 3)) if need_bias else None
     return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def gradients(
-    grad_output, input, weight, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format, need_input, need_weight
+    grad_output,
+    input,
+    weight,
+    spec: ConvSpec,
+    padding_mode: str,
+    algorithm: ConvAlgorithm,
+    memory_format,
+    need_input,
+    need_weight,
+    kept: tuple[ConvAlgorithm, object] | None = None,
 ):
-    """(grad_input, grad_weight) of one conv, each None where not needed; grad_input in `memory_format`."""
+    """(grad_input, grad_weight) of one conv, each None where not needed; grad_input in `memory_format`.
+
+    kept: (algorithm, what it kept) from the forward of this input and weight (`_forward`, keep=True), or None."""
     if weight.shape[1] == 0:  # no input channels (`_forward`): both gradients are empty
         return (_in_format(torch.zeros_like(input), memory_format) if need_input else None), (
             torch.zeros_like(weight) if need_weight else None
@@ -132,8 +144,14 @@ def gradients(
     if double or (algorithm.name not in _BATCHABLE_BACKWARD and _functorch_active is not None and _functorch_active()):
         algorithm = get("im2col")
         algorithm.accept(padded, weight, run_spec)
-    algorithm = _exact_for_nonfinite(algorithm, "backward", padded, weight, run_spec, grad_output)
-    grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
+    # Where the forward ran this algorithm and its forward is inexact for NaN and infinities, it found the input and
+    # weight finite: only the grad is new.
+    known_finite = kept is not None and kept[0] is algorithm and "forward" in algorithm.inexact_nonfinite
+    algorithm = _exact_for_nonfinite(algorithm, "backward", padded, weight, run_spec, grad_output, known_finite=known_finite)
+    if kept is not None and kept[0] is algorithm:
+        grad_input, grad_weight = algorithm.backward_kept(kept[1], grad_output, padded, weight, run_spec, need_input, need_weight)
+    else:
+        grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)
     if grad_input is not None:
         if padded is not input:
             grad_input = padding_modes.unpad_grad(grad_input, spec.padding, padding_mode, input.shape[2], input.shape[3])
@@ -210,7 +228,8 @@ class _EagerConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format):
         _save(ctx, (input, weight, bias, spec, padding_mode, algorithm, memory_format))
-        return _forward(input, weight, bias, spec, padding_mode, algorithm, memory_format)
+        output, ctx.kept = _forward(input, weight, bias, spec, padding_mode, algorithm, memory_format, keep=True)
+        return output
 
     backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
@@ -251,24 +270,33 @@ def _apply_spec(input, weight, bias, spec: ConvSpec, padding_mode: str, algorith
     return _apply(input, weight, bias, spec, padding_mode, chosen, _output_format(input, weight, padding_mode))
 
 
-def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format) -> torch.Tensor:
+def _forward(input, weight, bias, spec: ConvSpec, padding_mode: str, algorithm: ConvAlgorithm, memory_format, keep: bool = False):
+    """The output; with `keep`, (output, (the algorithm that ran, what it kept for the backward)) for `gradients`."""
     if weight.shape[1] == 0:  # no input channels: an empty sum, so every output is its bias (torch's (N, 0, ...) is no conv's shape)
         output = input.new_zeros(_output_shape(input, weight, spec))
-        return _in_format(output if bias is None else output + bias.view(1, -1, 1, 1), memory_format)
+        output = _in_format(output if bias is None else output + bias.view(1, -1, 1, 1), memory_format)
+        return (output, None) if keep else output
     padded, run_spec = _apply_padding_mode(input, spec, padding_mode)
     algorithm = _exact_for_nonfinite(algorithm, "forward", padded, weight, run_spec)
-    return _in_format(algorithm.forward(padded, weight, bias, run_spec), memory_format)
+    if not keep:
+        return _in_format(algorithm.forward(padded, weight, bias, run_spec), memory_format)
+    output, kept = algorithm.forward_keeping(padded, weight, bias, run_spec)
+    return _in_format(output, memory_format), (algorithm, kept)
 
 
-def _exact_for_nonfinite(algorithm: ConvAlgorithm, direction: str, input, weight, spec: ConvSpec, *more) -> ConvAlgorithm:
+def _exact_for_nonfinite(
+    algorithm: ConvAlgorithm, direction: str, input, weight, spec: ConvSpec, *more, known_finite: bool = False
+) -> ConvAlgorithm:
     """`algorithm`, or im2col where its `direction` would spread a NaN or an infinity of these operands to elements
-    torch keeps finite (`ConvAlgorithm.inexact_nonfinite`). Telling costs one sum per operand: NaN and infinities survive
-    a sum, and a finite sum that overflows only costs the exact path. Under torch.func (batched tensors have no
-    .item()) it cannot tell, and takes im2col."""
+    torch keeps finite (`ConvAlgorithm.inexact_nonfinite`). Telling costs one sum per operand (`known_finite`: input
+    and weight were found finite already, only `more` is summed): NaN and infinities survive a sum, and a finite sum
+    that overflows only costs the exact path. Under torch.func (batched tensors have no .item()) it cannot tell, and
+    takes im2col."""
     if direction not in algorithm.inexact_nonfinite:
         return algorithm
     transformed = _functorch_active is None or _functorch_active()
-    if not transformed and all(math.isfinite(tensor.sum().item()) for tensor in (input, weight, *more)):
+    operands = more if known_finite else (input, weight, *more)
+    if not transformed and all(math.isfinite(tensor.sum().item()) for tensor in operands):
         return algorithm
     exact = get("im2col")
     exact.accept(input, weight, spec)

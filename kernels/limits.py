@@ -18,6 +18,11 @@ class Limits:
     # depthwise 1x2^20 kernel is 1M MACs on a 1x2^20 image and 2^20 iterations, 26 s per forward. 16384
     # takes a 128x128 depthwise kernel (~1.3 s forward+backward); the large ones in use are 31x31 and 51x51.
     loop_iterations: int = 16384
+    # What an algorithm's forward may keep alive for its backward to reuse (`ConvAlgorithm.forward_keeping`):
+    # Winograd's input tiles, 4x the input, which its grad_weight would otherwise rebuild (0.6-1.1 ms of
+    # 2.4-3.9 at batch 4). Past this the backward recomputes them. A model holds one per conv layer until its
+    # backward, so this bounds that extra memory per layer.
+    kept_for_backward_bytes: int = 64 * MiB
 
 
 _current = Limits()

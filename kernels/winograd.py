@@ -319,7 +319,22 @@ class Winograd(ConvAlgorithm):
             output = output + bias
         return output.permute(0, 3, 1, 2)
 
+    def forward_keeping(self, input, weight, bias, spec):
+        """The compiled forward keeps its input tiles for grad_weight (`winograd_compiled.forward_keeping`)."""
+        if input.dtype not in HALF and winograd_compiled.eligible(input, channels_last=True):
+            result = winograd_compiled.forward_keeping(input, weight, bias, spec.padding)
+            if result is not None:
+                return result
+        return self.forward(input, weight, bias, spec), None
+
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
+
+    def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, kept)
+
+    def _backward(self, grad_output, input, weight, spec, need_input, need_weight, tiles):
+        """tiles: the compiled forward's V of this input, (16, P, C), or None."""
         if torch.is_grad_enabled():  # double backward: out= buffers are not differentiable
             return get("shifted_gemm").backward(grad_output, input, weight, spec, need_input, need_weight)
         if input.dtype in HALF:
@@ -339,7 +354,7 @@ class Winograd(ConvAlgorithm):
         # channels-last inputs too: their column phases are a gathering copy, still ahead of the eager path
         # (channels-last, batch 4: 64x56 a tie, 128x28 3.5 vs 3.8 ms, 256x14 3.0 vs 4.4)
         if need_weight and winograd_compiled.eligible(input, channels_last=True):
-            grad_weight = winograd_compiled.grad_weight(grad_output, input, weight, spec.padding)
+            grad_weight = winograd_compiled.grad_weight(grad_output, input, weight, spec.padding, tiles)
         if need_weight and grad_weight is None:
             grad_weight = self._grad_weight(grad_output, input, weight, spec)
         return grad_input, grad_weight

@@ -7,12 +7,12 @@ one pass. For an NCHW input, channel-major throughout:
     forward      input -> column phases (eager copy) -> V = B^T d B (compiled) -> M = U V (16 GEMMs)
                  -> Y = A^T M A + bias (compiled, written NCHW)
     grad_input   the same, on grad_output padded by 2 - padding, with the kernel flipped and transposed
-    grad_weight  V as in forward, dM = A dY A^T (compiled, from the grad's column phases),
-                 dU^T = dM V^T (16 GEMMs), dW = G^T dU G (compiled)
+    grad_weight  V as in forward (the forward's own, kept by autograd: `forward_keeping`), dM = A dY A^T
+                 (compiled, from the grad's column phases), dU^T = dM V^T (16 GEMMs), dW = G^T dU G (compiled)
 
 For a channels-last input, forward and grad_input run channels-last (an NHWC tile grid, tiles
-(16, P, C), products (P, K), output NHWC), with no transposing copy either way; grad_weight reads it through
-its column phases as above.
+(16, P, C), products (P, K), output NHWC), with no transposing copy either way; grad_weight takes the forward's
+(16, P, C) tiles, or reads the input through its column phases as above.
 
 The GEMMs go through kernels/gemm.py (oneDNN's or torch's, whichever is faster on this CPU), so the
 transforms after them take the 16 products as separate tensors: stacking them would copy them all.
@@ -55,6 +55,24 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     an NHWC tile grid (a padded copy, no transpose), V (16, P, C), products V[xi] (P, C) @ U[xi] (C, K), output written
     NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save (round 19).
     """
+    result = _forward(input, weight, bias, pads)
+    return None if result is None else result[0]
+
+
+def forward_keeping(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: tuple[int, int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`forward`, plus its input tiles V as a (16, P, C) view for `grad_weight` where they fit
+    `Limits.kept_for_backward_bytes` (else None), or None."""
+    result = _forward(input, weight, bias, pads)
+    if result is None:
+        return None
+    output, tiles = result
+    return output, (tiles if tiles.numel() * tiles.element_size() <= get_limits().kept_for_backward_bytes else None)
+
+
+def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, V as a (16, P, C) view) or None: `forward`."""
     from kernels.winograd import _column_phases, _tile_input, _transformed_weight
 
     nhwc = strictly_channels_last(input)
@@ -82,13 +100,14 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     transformed = _transformed_weight(weight)  # U (16, C, K)
     if nhwc:
-        tiles = compiled.run(input_stage, _tile_input(input, pads)[0])
+        tiles = compiled.run(input_stage, _tile_input(input, pads)[0])  # (16, P, C)
         products = gemm.products(tiles, transformed)  # 16 x (P, K): V[xi] (P, C) @ U[xi] (C, K)
     else:
-        tiles = compiled.run(input_stage, _column_phases(input, pads)[0])
-        products = gemm.products(transformed.transpose(1, 2), tiles)  # 16 x (K, P): U[xi] (K, C) @ V[xi]
+        tiles = compiled.run(input_stage, _column_phases(input, pads)[0]).transpose(1, 2)  # (16, P, C) view of (16, C, P)
+        products = gemm.products(transformed.transpose(1, 2), tiles.transpose(1, 2))  # 16 x (K, P): U[xi] (K, C) @ V[xi]
     output = compiled.run(output_stage, bias, batch, tiles_h, tiles_w, *products)
-    return output[:, :out_height, :out_width].permute(0, 3, 1, 2) if nhwc else output[:, :, :out_height, :out_width]
+    output = output[:, :out_height, :out_width].permute(0, 3, 1, 2) if nhwc else output[:, :, :out_height, :out_width]
+    return output, tiles
 
 
 def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor | None:
@@ -102,9 +121,17 @@ def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) 
 
 
 def grad_weight(
-    grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, pads: tuple[int, int, int, int]
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    pads: tuple[int, int, int, int],
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """dW = G^T (sum over tiles V dM^T) G: grad_output (N, K, H_out, W_out), input (N, C, H, W) -> (K, C, 3, 3), or None."""
+    """dW = G^T (sum over tiles V dM^T) G: grad_output (N, K, H_out, W_out), input (N, C, H, W) -> (K, C, 3, 3), or None.
+
+    tiles: the forward's V of this input as a (16, P, C) view (`forward_keeping`), else rebuilt here from the input's
+    column phases (at 64x56, batch 4, that rebuild was 1.1 of this pass's 3.9 ms).
+    """
     from kernels.winograd import _column_phases
 
     batch, channels = input.shape[:2]
@@ -115,20 +142,21 @@ def grad_weight(
     phases = (batch, 2 * tiles_h + 2, 2, tiles_w + 1)
     products_like = [torch.empty(out_channels, channels, dtype=input.dtype, device="meta")] * 16
     stages_ready = [
-        compiled.ready(_input_tiles, torch.empty(channels, *phases, dtype=input.dtype, device="meta")),
+        tiles is not None or compiled.ready(_input_tiles, torch.empty(channels, *phases, dtype=input.dtype, device="meta")),
         compiled.ready(_grad_tiles, torch.empty(out_channels, *phases, dtype=input.dtype, device="meta")),
         compiled.ready(_weight_grad, *products_like),
     ]
     if not all(stages_ready):
         return None
-    tiles = compiled.run(_input_tiles, _column_phases(input, pads)[0])  # V (16, C, P)
+    if tiles is None:
+        tiles = compiled.run(_input_tiles, _column_phases(input, pads)[0]).transpose(1, 2)  # V (16, P, C) view
     # The grad's phases reuse the input's scratch buffer: V is already computed from it. Padding (0, 2, 0, 2)
     # keeps H_out x W_out as the "output" size, so the phases hold the grad rounded up to whole tiles.
     grad_tiles = compiled.run(_grad_tiles, _column_phases(grad_output, (0, 2, 0, 2))[0])  # dM (16, K, P)
-    # dU[xi]^T = dM[xi] (K, P) @ V[xi]^T (P, C), each its own tensor (a stacked result copies all 16), then
+    # dU[xi]^T = dM[xi] (K, P) @ V[xi] (P, C), each its own tensor (a stacked result copies all 16), then
     # dW = G^T dU G in one compiled pass. As a stacked bmm and a (9, 16) @ (16, C*K) GEMM (kernels/winograd.py)
     # the copies and that odd-shaped GEMM took 1.4 of 3.5 ms at 256x14, batch 4 (2 threads).
-    return compiled.run(_weight_grad, *gemm.products(grad_tiles, tiles.transpose(1, 2)))
+    return compiled.run(_weight_grad, *gemm.products(grad_tiles, tiles))
 
 
 def _weight_grad(*products: torch.Tensor) -> torch.Tensor:

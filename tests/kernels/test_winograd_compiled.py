@@ -9,10 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from kernels import compiled, winograd_compiled
 from kernels.params import normalize
 from kernels.selection import choose
-from tests.kernels.cases import Case, assert_compiled_ran, assert_matches_oracle, force_gemm, make_inputs
+from tests.kernels.cases import (
+    GRAD_NAMES,
+    Case,
+    assert_compiled_ran,
+    assert_matches_oracle,
+    assert_parity,
+    force_gemm,
+    make_inputs,
+    torch_conv,
+)
 
 CASES = [
     Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 8)),
@@ -88,3 +98,74 @@ def test_channels_last_forward_runs_channels_last(compile_sync):
         expected = winograd_compiled.forward(input.contiguous(), weight, bias, (1, 1, 1, 1))
     assert output is not None and output.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-12)
+
+
+def _grad_weight_spy(monkeypatch) -> list:
+    """Records, per compiled grad_weight call, whether it was handed the forward's tiles."""
+    calls = []
+    real = winograd_compiled.grad_weight
+
+    def spy(grad_output, input, weight, pads, tiles=None):
+        calls.append(tiles is not None)
+        return real(grad_output, input, weight, pads, tiles)
+
+    monkeypatch.setattr(winograd_compiled, "grad_weight", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[5]], ids=lambda case: case.id)
+def test_grad_weight_reuses_the_forwards_tiles(case, compile_sync, monkeypatch):
+    """Under autograd the compiled forward keeps its input tiles V and grad_weight takes them instead of rebuilding
+    them (NCHW (16, C, P) and channels-last (16, P, C) alike); every gradient still matches the float64 oracle."""
+    calls = _grad_weight_spy(monkeypatch)
+    assert_matches_oracle(case, "winograd", torch.float64, seed=37)  # warms up the compiles: the first pass runs eager
+    calls.clear()
+    assert_matches_oracle(case, "winograd", torch.float64, seed=41)
+    assert calls == [True]
+
+
+def test_tiles_past_the_keep_limit_are_rebuilt(compile_sync, monkeypatch, restore_limits):
+    """`Limits.kept_for_backward_bytes` below the tiles' size: nothing is kept, grad_weight rebuilds V, same gradients."""
+    calls = _grad_weight_spy(monkeypatch)
+    assert_matches_oracle(CASES[0], "winograd", torch.float64, seed=43)
+    kernels.set_limits(kept_for_backward_bytes=1)
+    calls.clear()
+    assert_matches_oracle(CASES[0], "winograd", torch.float64, seed=47)
+    assert calls == [False]
+
+
+def test_a_second_backward_rebuilds_the_tiles(compile_sync, monkeypatch):
+    """The kept tiles serve one backward (the graph does not hold them after it); a second one through a retained
+    graph rebuilds them and gets the same gradients."""
+    case = CASES[0]
+    calls = _grad_weight_spy(monkeypatch)
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=53)
+    kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")  # compiles
+    calls.clear()
+    output = kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
+    grad_output = torch.randn_like(output)
+    first = torch.autograd.grad(output, (input, weight), grad_output, retain_graph=True)
+    second = torch.autograd.grad(output, (input, weight), grad_output)
+    assert calls == [True, False]
+    expected = torch.autograd.grad(torch_conv(case, input, weight, bias), (input, weight), grad_output)
+    for name, once, again, wanted in zip(GRAD_NAMES, first, second, expected):
+        assert_parity(name, once, wanted, torch.float64)
+        assert_parity(name, again, wanted, torch.float64)
+
+
+def test_a_nonfinite_grad_after_a_finite_forward_runs_exact(compile_sync):
+    """The forward found input and weight finite and kept its tiles; the backward still sums the grad, and a NaN or
+    an infinity in it sends the backward to im2col, which spreads them as torch does."""
+    case = CASES[0]
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=59)
+    kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")  # compiles
+    output = kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
+    grad_output = torch.randn_like(output)
+    grad_output[0, 1, 2, 3], grad_output[1, 0, 0, 0] = float("nan"), float("inf")
+    actual = torch.autograd.grad(output, (input, weight), grad_output)
+    expected = torch.autograd.grad(torch_conv(case, input, weight, bias), (input, weight), grad_output)
+    for name, ours, theirs in zip(GRAD_NAMES, actual, expected):
+        assert torch.equal(ours.isnan(), theirs.isnan()), f"{name}: NaN in other places than torch's"
+        assert torch.equal(ours.isinf(), theirs.isinf()), f"{name}: infinities in other places than torch's"
+        finite = theirs.isfinite()
+        torch.testing.assert_close(ours[finite], theirs[finite], atol=1e-10, rtol=1e-10)
