@@ -84,14 +84,20 @@ def _block_size(out_height: int, row_bytes: int, limit: int | None) -> tuple[int
     return rows_per_block, (max(1, rows_per_block // max(1, out_height)) if rows_per_block >= out_height else 0)
 
 
-def _grouped_columns(patches: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N_b, R, W_out, kH, kW, C) patches -> (groups, N_b*R*W_out, kH*kW*C/groups) columns."""
+def _grouped_columns(patches: torch.Tensor, groups: int, own: bool = False) -> torch.Tensor:
+    """(N_b, R, W_out, kH, kW, C) patches -> (groups, N_b*R*W_out, kH*kW*C/groups) columns; `own`: groups 1 gathers
+    into a tensor of its own instead of the reused patch buffer (columns kept past the call)."""
     *lead, kernel_h, kernel_w, channels = patches.shape
     if groups == 1:  # one gather-copy into the reused patch buffer (kernels/workspace.py)
-        columns = scratch("im2col_columns", patches.numel(), patches).view(patches.shape)
+        columns = patches.new_empty(patches.shape) if own else scratch("im2col_columns", patches.numel(), patches).view(patches.shape)
         return columns.copy_(patches).view(1, -1, kernel_h * kernel_w * channels)
     split = patches.reshape(*lead, kernel_h, kernel_w, groups, channels // groups)
     return split.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, -1, kernel_h * kernel_w * (channels // groups))
+
+
+def _keepable(elements: int, like: torch.Tensor) -> bool:
+    """Whether a buffer of `elements` like `like`'s fits `Limits.kept_for_backward_bytes` (`ConvAlgorithm.forward_keeping`)."""
+    return elements * like.element_size() <= get_limits().kept_for_backward_bytes
 
 
 def _weight_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -170,12 +176,15 @@ def _phase_plane(split: torch.Tensor, spec: ConvSpec, p: int, q: int) -> torch.T
     return split[:, :, p::stride_h, (q - spec.padding[2]) % stride_w]
 
 
-def _phase_columns(split: torch.Tensor, spec: ConvSpec, weight_shape: torch.Size, out_hw: tuple[int, int], ones: bool) -> Iterator:
+def _phase_columns(
+    split: torch.Tensor, spec: ConvSpec, weight_shape: torch.Size, out_hw: tuple[int, int], ones: bool, own: bool = False
+) -> Iterator:
     """(images, output rows, columns (N_b, C_in*kH*kW [+ 1], R*W_out)) blocks in F.unfold's (c, i, j) row order,
     gathered from `_phase_split`'s stride phases; with `ones` a last row of ones (a bias in the GEMM).
 
     Taps i = p + s_h*a, j = q + s_w*b read phase (p, q) at (y + a, x + b), so each phase's taps copy as whole output
-    rows. The columns live in a reused scratch buffer: consume each block before taking the next.
+    rows. The columns live in a reused scratch buffer (`own`: each block in a tensor of its own): consume each block
+    before taking the next.
     """
     _, in_channels, kernel_h, kernel_w = weight_shape
     (stride_h, stride_w), (out_height, out_width) = spec.stride, out_hw
@@ -183,8 +192,8 @@ def _phase_columns(split: torch.Tensor, spec: ConvSpec, weight_shape: torch.Size
     row_bytes = out_width * (taps + ones) * split.element_size()
     for images, rows in _row_blocks(split.shape[0], out_height, row_bytes):
         count, block_rows = images.stop - images.start, rows.stop - rows.start
-        matrix = scratch("im2col_columns", count * (taps + ones) * block_rows * out_width, split)
-        matrix = matrix.view(count, taps + ones, block_rows * out_width)
+        shape = (count, taps + ones, block_rows * out_width)
+        matrix = split.new_empty(shape) if own else scratch("im2col_columns", math.prod(shape), split).view(shape)
         if ones:
             matrix[:, taps].fill_(1)
         columns = matrix[:, :taps].view(count, in_channels, kernel_h, kernel_w, block_rows, out_width)
@@ -291,26 +300,39 @@ class Im2col(ConvAlgorithm):
         return blocks * (taps + 1) + taps + fold_blocks * spec.groups
 
     def forward(self, input, weight, bias, spec):
+        return self._forward(input, weight, bias, spec, keep=False)[0]
+
+    def forward_keeping(self, input, weight, bias, spec):
+        """A one-block GEMM forward keeps its columns for grad_weight, which would gather them again, where the stride is
+        more than 1. At stride 1 grad_input is a forward conv gathering columns as big (`_correlation_grad_input`), and
+        kept ones beside those measured 0-10% slower forward+backward (64x56 and 128x28 at batch 1), where at stride 2
+        they saved 6-10% (128x28 s2 at batch 4, the stem)."""
+        return self._forward(input, weight, bias, spec, keep=input.dtype not in HALF and spec.stride != (1, 1))
+
+    def _forward(self, input, weight, bias, spec, keep):
+        """(output, the columns grad_weight can reuse or None); with `keep`, a one-block GEMM forward whose columns fit
+        `Limits.kept_for_backward_bytes` gathers them into a tensor of their own and returns it."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
-            return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+            return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         if _use_phases(input, weight, spec):
-            return self._phase_forward(input, weight, bias, spec, (out_height, out_width))
+            return self._phase_forward(input, weight, bias, spec, (out_height, out_width), keep)
         padded = _padded_nhwc(input, spec)
         batch = padded.shape[0]
         if _is_depthwise(weight, spec.groups):
             output = self._depthwise_forward(padded, weight, spec, out_height, out_width)
         elif spec.groups == 1 and input.is_contiguous() and not gemm.routes_to_onednn(input.dtype):
-            return self._nchw_forward(padded, weight, bias, spec, (out_height, out_width))
+            return self._nchw_forward(padded, weight, bias, spec, (out_height, out_width)), None
         else:
             weights = _weight_matrix(weight, spec.groups)
             row_bytes = out_width * weights.shape[0] * weights.shape[1] * padded.element_size()
             blocks = list(_row_blocks(batch, out_height, row_bytes))
             if spec.groups == 1 and len(blocks) == 1:  # one block: the product, bias included, is the output (no copy)
-                columns = _grouped_columns(_patches(padded, spec, (kernel_h, kernel_w), slice(0, out_height), out_width), 1)
+                keep = keep and _keepable(batch * out_height * out_width * weights.shape[1], padded)
+                columns = _grouped_columns(_patches(padded, spec, (kernel_h, kernel_w), slice(0, out_height), out_width), 1, own=keep)
                 output = gemm.mm(columns[0], weights[0], bias=bias).view(batch, out_height, out_width, out_channels)
-                return output.permute(0, 3, 1, 2)
+                return output.permute(0, 3, 1, 2), (columns if keep else None)
             output = padded.new_empty(batch, out_height, out_width, out_channels)
             for images, rows in blocks:
                 patches = _patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width)
@@ -322,7 +344,7 @@ class Im2col(ConvAlgorithm):
                     block.view(-1, spec.groups, out_channels // spec.groups).copy_(torch.bmm(columns, weights).transpose(0, 1))
         if bias is not None:
             output += bias
-        return output.permute(0, 3, 1, 2)
+        return output.permute(0, 3, 1, 2), None
 
     @staticmethod
     def _nchw_forward(padded, weight, bias, spec, out_hw):
@@ -351,13 +373,14 @@ class Im2col(ConvAlgorithm):
         return output.view(batch, out_channels, out_height, out_width)
 
     @staticmethod
-    def _phase_forward(input, weight, bias, spec, out_hw):
+    def _phase_forward(input, weight, bias, spec, out_hw, keep):
         """groups == 1, few input channels, NCHW: columns in F.unfold's (c, i, j) order, gathered from stride phases.
 
         With C_in = 3 (the 7x7 stem) a channels-last patch row is made of kW*C = 21-float runs and
         the NCHW -> NHWC padded copy is a transpose; here each copied run is a whole output row
         (`_phase_split` makes the stride-2 reads contiguous), and weight.view(C_out, -1) is already
-        the matching (c, i, j) matrix. Output (C_out, H_out*W_out) per image, NCHW directly.
+        the matching (c, i, j) matrix. Output (C_out, H_out*W_out) per image, NCHW directly. -> (output, the columns
+        (N, C_in*kH*kW, L) for `_phase_grad_weight` where `keep` and they are one block within the keep limit, or None).
         """
         out_channels = weight.shape[0]
         out_height, out_width = out_hw
@@ -365,15 +388,24 @@ class Im2col(ConvAlgorithm):
         batch = split.shape[0]
         output = input.new_empty(batch, out_channels, out_height * out_width)
         weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
+        taps = weight_rows.shape[1]
         if bias is not None:  # the bias rides in the GEMM as one more column row of ones: no pass over the output
             weight_rows = torch.cat([weight_rows, bias.view(-1, 1)], dim=1)
-        for images, rows, matrix in _phase_columns(split, spec, weight.shape, out_hw, ones=bias is not None):
+        row_bytes = out_width * weight_rows.shape[1] * input.element_size()
+        keep = (
+            keep
+            and _block_count(batch, out_height, row_bytes) == 1
+            and _keepable(batch * weight_rows.shape[1] * out_height * out_width, input)
+        )
+        kept = None
+        for images, rows, matrix in _phase_columns(split, spec, weight.shape, out_hw, ones=bias is not None, own=keep):
             block = output[images, :, rows.start * out_width : rows.stop * out_width]
             gemm.bmm(weight_rows.expand(matrix.shape[0], -1, -1), matrix, out=block)
-        return output.view(batch, out_channels, out_height, out_width)
+            kept = matrix[:, :taps] if keep else None
+        return output.view(batch, out_channels, out_height, out_width), kept
 
     @staticmethod
-    def _phase_grad_weight(grad_output, input, weight, spec):
+    def _phase_grad_weight(grad_output, input, weight, spec, columns=None):
         """grad_weight of `_phase_forward`'s problems: per image sum grad_output (C_out, L) @ columns (L, C_in*kH*kW).
 
         Both operands are row-major as they are (NCHW grad, the forward's (c, i, j) columns), where the channels-last
@@ -382,6 +414,8 @@ class Im2col(ConvAlgorithm):
         out_channels = weight.shape[0]
         out_hw = grad_output.shape[2:]
         grad = grad_output.reshape(grad_output.shape[0], out_channels, out_hw[0] * out_hw[1])  # (N, C_out, L): a view for NCHW
+        if columns is not None:  # the forward's, one block (`_phase_forward`)
+            return gemm.bmm(grad, columns.transpose(1, 2)).sum(0).view(weight.shape)
         total = None
         for images, rows, matrix in _phase_columns(_phase_split(input, spec), spec, weight.shape, out_hw, ones=False):
             block = grad[images, :, rows.start * out_hw[1] : rows.stop * out_hw[1]]
@@ -402,6 +436,15 @@ class Im2col(ConvAlgorithm):
         return output.view(padded.shape[0], out_height, out_width, groups * multiplier)
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
+
+    def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
+        # While autograd records (double backward) grad_weight must stay a function of the input: no kept columns.
+        columns = None if torch.is_grad_enabled() else kept
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, columns)
+
+    def _backward(self, grad_output, input, weight, spec, need_input, need_weight, columns):
+        """columns: the forward's (`_forward` with keep), or None."""
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
@@ -416,9 +459,9 @@ class Im2col(ConvAlgorithm):
         scattered = need_input and not folded and not correlated
         # grad_weight from the forward's stride-phase columns (not while autograd records: they fill a scratch buffer)
         phased = need_weight and _use_phases(input, weight, spec) and not torch.is_grad_enabled()
-        grad_weight = self._phase_grad_weight(grad_output, input, weight, spec) if phased else None
+        grad_weight = self._phase_grad_weight(grad_output, input, weight, spec, columns) if phased else None
         if scattered or (need_weight and not phased):  # the channels-last paths
-            padded = _padded_nhwc(input, spec) if need_weight and not phased else None
+            padded = _padded_nhwc(input, spec) if need_weight and not phased and columns is None else None
             grad_nhwc = grad_output.permute(0, 2, 3, 1).contiguous()
             grad_padded = grad_nhwc.new_zeros(pad_shape) if scattered else None
             if depthwise:
@@ -426,7 +469,7 @@ class Im2col(ConvAlgorithm):
             elif phased:  # grad_weight is in hand: this pass only scatters grad_input
                 self._gemm_backward(grad_nhwc, None, grad_padded, weight, spec, False)
             else:
-                grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight)
+                grad_weight = self._gemm_backward(grad_nhwc, padded, grad_padded, weight, spec, need_weight, columns)
         grad_input = None
         if correlated:  # the stride-1 grad_input as a forward conv of grad_output with the flipped, transposed kernel
             flipped = spec.with_padding((kernel_h - 1 - top, kernel_h - 1 - bottom, kernel_w - 1 - left, kernel_w - 1 - right))
@@ -437,7 +480,8 @@ class Im2col(ConvAlgorithm):
             grad_input = grad_padded[:, top : top + height, left : left + width].permute(0, 3, 1, 2)
         return grad_input, grad_weight
 
-    def _gemm_backward(self, grad_nhwc, padded, grad_padded, weight, spec, need_weight):
+    def _gemm_backward(self, grad_nhwc, padded, grad_padded, weight, spec, need_weight, kept_columns=None):
+        """kept_columns: the forward's one-block (1, N*H_out*W_out, kH*kW*C_in) columns, used instead of `padded`'s."""
         groups = spec.groups
         out_channels, in_per_group, kernel_h, kernel_w = weight.shape
         batch, out_height, out_width, _ = grad_nhwc.shape
@@ -447,7 +491,10 @@ class Im2col(ConvAlgorithm):
         for images, rows in _row_blocks(batch, out_height, row_bytes):
             grad_block = grad_nhwc[images, rows].reshape(-1, groups, out_channels // groups).transpose(0, 1)
             if need_weight:
-                columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
+                if kept_columns is not None and kept_columns.shape[1] == grad_block.shape[1]:  # one block, as in the forward
+                    columns = kept_columns
+                else:
+                    columns = _grouped_columns(_patches(padded[images], spec, (kernel_h, kernel_w), rows, out_width), groups)
                 if groups == 1:  # as (C_out, M) @ (M, K): the operand oneDNN wants row-major is the small one
                     product = gemm.mm(grad_block[0].t(), columns[0]).t().unsqueeze(0)
                 else:

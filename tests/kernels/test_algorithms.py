@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import im2col
 from kernels.params import normalize
 from kernels.selection import choose
 from tests.kernels.cases import (
@@ -77,6 +78,34 @@ def test_im2col_in_blocks_matches_the_oracle(case, dtype, workspace, backend, re
     force_gemm(monkeypatch, backend)
     kernels.set_limits(im2col_workspace_bytes=workspace)
     assert_matches_oracle(case, "im2col", dtype, seed=5)
+
+
+KEPT_CASES = [
+    (BLOCKED_CASES[0], torch.float64, "torch"),  # stride phases (`_phase_forward`)
+    (
+        Case("strided_channels_last", in_channels=40, out_channels=6, stride=2, padding=1, size=(9, 8), layout="channels_last"),
+        torch.float64,
+        "torch",
+    ),
+    (BLOCKED_CASES[2], torch.float32, "onednn"),  # NCHW through the channels-last patches where oneDNN runs the GEMMs
+]
+
+
+@pytest.mark.parametrize(("case", "dtype", "backend"), KEPT_CASES, ids=lambda value: getattr(value, "id", str(value)))
+def test_im2col_grad_weight_reuses_the_forwards_columns(case, dtype, backend, monkeypatch, restore_limits):
+    """A strided one-block forward under autograd keeps its columns and grad_weight takes them: the input is gathered
+    once per forward+backward, not twice, with every gradient against the oracle; past `kept_for_backward_bytes`, twice."""
+    force_gemm(monkeypatch, backend)
+    gathers = []
+    for name in ("_phase_columns", "_grouped_columns"):
+        real = getattr(im2col, name)
+        monkeypatch.setattr(im2col, name, lambda *args, real=real, name=name, **kwargs: gathers.append(name) or real(*args, **kwargs))
+    assert_matches_oracle(case, "im2col", dtype, seed=61)
+    assert len(gathers) == 1, gathers
+    gathers.clear()
+    kernels.set_limits(kept_for_backward_bytes=1)
+    assert_matches_oracle(case, "im2col", dtype, seed=67)
+    assert len(gathers) == 2, gathers
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

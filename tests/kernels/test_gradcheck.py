@@ -38,6 +38,11 @@ GRADCHECK_CASES = [
     Case("circular_same", in_channels=1, out_channels=2, kernel_size=(3, 2), padding="same", padding_mode="circular", size=(3, 4), batch=1),
     Case("unbatched_no_bias", in_channels=2, out_channels=2, kernel_size=(2, 2), bias=False, padding=1, size=(3, 3), batch=None),
     Case("channels_last", in_channels=2, out_channels=2, kernel_size=(2, 2), padding=1, size=(3, 3), batch=1, layout="channels_last"),
+    # strided: im2col's forward keeps its columns for grad_weight (ConvAlgorithm.forward_keeping), which the double
+    # backward must not use (its grad_weight has to stay a function of the input): channels-last patches, stride phases
+    Case("strided_channels_last", in_channels=2, out_channels=2, stride=2, padding=1, size=(5, 5), batch=1, layout="channels_last"),
+    Case("strided_phases", in_channels=2, out_channels=2, stride=2, padding=1, size=(5, 6), batch=2),
+    Case("three_by_three", in_channels=2, out_channels=3, padding=1, size=(4, 5), batch=1),  # winograd takes it too
 ]
 
 GRID = grid(GRADCHECK_CASES, ALGORITHMS, (torch.float64,))
