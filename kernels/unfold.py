@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.limits import get_limits
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 
@@ -58,8 +59,18 @@ class Unfold(ConvAlgorithm):
 
     def forward(self, input, weight, bias, spec):
         """input (N, C_in, H, W), weight (C_out, C_in/G, kH, kW) -> (N, C_out, H_out, W_out), NCHW."""
+        return self._forward(input, weight, bias, spec)[0]
+
+    def forward_keeping(self, input, weight, bias, spec):
+        """The patches, for grad_weight (which would unfold the input again), where they fit the keep limit."""
+        output, patches = self._forward(input, weight, bias, spec)
+        keep = patches is not None and patches.numel() * patches.element_size() <= get_limits().kept_for_backward_bytes
+        return output, (patches if keep else None)
+
+    def _forward(self, input, weight, bias, spec):
+        """(output, patches (N, G, K, L), or None for half precision)."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
-            return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+            return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         groups, batch, depth = spec.groups, input.shape[0], weight[0].numel()  # depth K = C_in/G*kH*kW
@@ -71,9 +82,18 @@ class Unfold(ConvAlgorithm):
         output = output.view(batch, out_channels, out_height, out_width)
         if bias is not None:
             output = output + bias.view(-1, 1, 1)
-        return output
+        return output, patches
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
+
+    def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
+        # While autograd records (double backward) grad_weight must stay a function of the input: no kept patches.
+        patches = None if torch.is_grad_enabled() else kept
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, patches)
+
+    def _backward(self, grad_output, input, weight, spec, need_input, need_weight, patches):
+        """patches: the forward's (`_forward`), or None."""
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
@@ -89,7 +109,8 @@ class Unfold(ConvAlgorithm):
         # and sum another 0.97, of a 3.2 ms forward+backward).
         onednn = groups == 1 and batch > 0 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled()
         if need_weight:
-            patches = _patches(input, spec, (kernel_h, kernel_w)).view(batch, groups, depth, length)
+            if patches is None:
+                patches = _patches(input, spec, (kernel_h, kernel_w)).view(batch, groups, depth, length)
             if onednn:
                 products = gemm.products(grad[:, 0], patches[:, 0].transpose(1, 2))  # N x (C_out, K)
                 grad_weight = products[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import im2col
+from kernels import im2col, unfold
 from kernels.params import normalize
 from kernels.selection import choose
 from tests.kernels.cases import (
@@ -106,6 +106,23 @@ def test_im2col_grad_weight_reuses_the_forwards_columns(case, dtype, backend, mo
     kernels.set_limits(kept_for_backward_bytes=1)
     assert_matches_oracle(case, "im2col", dtype, seed=67)
     assert len(gathers) == 2, gathers
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_unfold_grad_weight_reuses_the_forwards_patches(dtype, backend, monkeypatch, restore_limits):
+    """Under autograd unfold's forward keeps its patches and grad_weight takes them (one unfold per forward+backward,
+    two past `kept_for_backward_bytes`), every gradient against the oracle."""
+    force_gemm(monkeypatch, backend)
+    calls = []
+    real = unfold._patches
+    monkeypatch.setattr(unfold, "_patches", lambda *args: calls.append(1) or real(*args))
+    case = Case("unfold_kept", in_channels=3, out_channels=4, padding=(1, 0), stride=(1, 2), batch=2, size=(6, 7))
+    assert_matches_oracle(case, "unfold", dtype, seed=71)
+    assert len(calls) == 1
+    kernels.set_limits(kept_for_backward_bytes=1)
+    assert_matches_oracle(case, "unfold", dtype, seed=73)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
