@@ -46,6 +46,9 @@ class _State:
     def __init__(self) -> None:
         self.mode = "background"
         self.lock = threading.Condition()
+        # Held while Inductor compiles: it is not thread-safe (two threads compiling at once failed with "CURRENT_PATCHER
+        # is None", which turned compiling off for the process), and "sync" mode compiles on the callers' threads.
+        self.compiling = threading.Lock()
         self.ready: dict[tuple, Callable] = {}
         self.pending: set[tuple] = set()
         self.failed: str | None = None  # why compiling is off for this process
@@ -61,6 +64,7 @@ def _after_fork_in_child() -> None:
     """A forked child (a DataLoader worker, say) has no compile thread, and a lock the parent's compile
     thread held at the fork would never be released: it starts with fresh ones, keeping what is compiled."""
     _state.lock = threading.Condition()
+    _state.compiling = threading.Lock()
     _state.queue = queue.SimpleQueue()
     _state.worker = None
     _state.pending = set()
@@ -207,7 +211,8 @@ def _work() -> None:
 
 def _compile(key: tuple) -> None:
     try:
-        compiled = None if _state.failed else _build(*key)
+        with _state.compiling:
+            compiled = None if _state.failed else _build(*key)
     except Exception as error:  # any failure: the eager paths stay, compiling stops for this process
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         log.warning("torch.compile failed (%s); CPU kernels stay on their eager paths in this process", reason)

@@ -102,6 +102,33 @@ def test_a_failed_compile_turns_compiling_off_for_the_process(fresh, monkeypatch
     assert compiled.stats()["compiled"] == 0
 
 
+def test_sync_compiles_from_several_threads_at_once_all_succeed(fresh):
+    """ "sync" compiles on the callers' threads; Inductor is not thread-safe, so they take turns (two at once failed
+    with "CURRENT_PATCHER is None" and turned compiling off for the process)."""
+    x, y = _operands()
+    start = threading.Barrier(4)
+    results, errors = {}, []
+
+    def caller(scale: int) -> None:
+        try:
+            start.wait(10)
+            results[scale] = compiled.run(scaled_sum, x, y, scale)
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    with compiled.mode("sync"):
+        threads = [threading.Thread(target=caller, args=(scale,)) for scale in (11, 12, 13, 14)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+    assert not errors, errors
+    assert compiled.stats()["failed"] is None
+    assert compiled.stats()["compiled"] == 4
+    for scale, result in results.items():
+        torch.testing.assert_close(result, x * scale + y)
+
+
 def test_unknown_mode_and_argument_are_refused():
     with pytest.raises(ValueError, match="compile mode must be one of"):
         compiled.set_mode("always")
