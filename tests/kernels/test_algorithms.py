@@ -88,13 +88,19 @@ KEPT_CASES = [
         "torch",
     ),
     (BLOCKED_CASES[2], torch.float32, "onednn"),  # NCHW through the channels-last patches where oneDNN runs the GEMMs
+    # stride 1 (grad_input by the scatter here: with oneDNN's GEMMs it is a forward conv that gathers columns of its own)
+    (
+        Case("stride_one_channels_last", in_channels=36, out_channels=5, padding=1, size=(8, 7), layout="channels_last"),
+        torch.float64,
+        "torch",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "dtype", "backend"), KEPT_CASES, ids=lambda value: getattr(value, "id", str(value)))
 def test_im2col_grad_weight_reuses_the_forwards_columns(case, dtype, backend, monkeypatch, restore_limits):
-    """A strided one-block forward under autograd keeps its columns and grad_weight takes them: the input is gathered
-    once per forward+backward, not twice, with every gradient against the oracle; past `kept_for_backward_bytes`, twice."""
+    """A one-block forward under autograd keeps its columns and grad_weight takes them: the input is gathered once per
+    forward+backward, not twice, with every gradient against the oracle; past `kept_for_backward_bytes`, twice."""
     force_gemm(monkeypatch, backend)
     gathers = []
     for name in ("_phase_columns", "_grouped_columns"):
