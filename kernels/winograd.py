@@ -340,12 +340,12 @@ class Winograd(ConvAlgorithm):
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
-        grad_input = grad_weight = None
+        grad_input = grad_weight = grad_phases = None
         if need_input:
             # once: the compiled grad_input reads NCHW, or channels-last as it comes (a channels-last caller's grad)
             grad = grad_output if grad_output.is_contiguous(memory_format=torch.channels_last) else grad_output.contiguous()
             if winograd_compiled.eligible(grad, channels_last=True):
-                grad_input = winograd_compiled.grad_input(grad, weight, spec)
+                grad_input, grad_phases = winograd_compiled.grad_input_and_phases(grad, weight, spec) or (None, None)
         if need_input and grad_input is None:
             top, bottom, left, right = spec.padding
             grid, out_hw = _tile_input(grad_output, (2 - top, 2 - bottom, 2 - left, 2 - right))
@@ -354,7 +354,7 @@ class Winograd(ConvAlgorithm):
         # channels-last inputs too: their column phases are a gathering copy, still ahead of the eager path
         # (channels-last, batch 4: 64x56 a tie, 128x28 3.5 vs 3.8 ms, 256x14 3.0 vs 4.4)
         if need_weight and winograd_compiled.eligible(input, channels_last=True):
-            grad_weight = winograd_compiled.grad_weight(grad_output, input, weight, spec.padding, tiles)
+            grad_weight = winograd_compiled.grad_weight(grad_output, input, weight, spec.padding, tiles, grad_phases)
         if need_weight and grad_weight is None:
             grad_weight = self._grad_weight(grad_output, input, weight, spec)
         return grad_input, grad_weight

@@ -67,12 +67,14 @@ def forward_keeping(
     result = _forward(input, weight, bias, pads)
     if result is None:
         return None
-    output, tiles = result
+    output, tiles, _ = result
     return output, (tiles if tiles.numel() * tiles.element_size() <= get_limits().kept_for_backward_bytes else None)
 
 
-def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(output, V as a (16, P, C) view) or None: `forward`."""
+def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(output, V as a (16, P, C) view, the NCHW input's column phases or None for channels-last) or None: `forward`.
+
+    The phases are a scratch buffer (kernels/workspace.py): valid until the next Winograd call takes it."""
     from kernels.winograd import _column_phases, _tile_input, _transformed_weight
 
     nhwc = strictly_channels_last(input)
@@ -100,24 +102,41 @@ def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     transformed = _transformed_weight(weight)  # U (16, C, K)
     if nhwc:
+        phases = None
         tiles = compiled.run(input_stage, _tile_input(input, pads)[0])  # (16, P, C)
         products = gemm.products(tiles, transformed)  # 16 x (P, K): V[xi] (P, C) @ U[xi] (C, K)
     else:
-        tiles = compiled.run(input_stage, _column_phases(input, pads)[0]).transpose(1, 2)  # (16, P, C) view of (16, C, P)
+        phases = _column_phases(input, pads)[0]
+        tiles = compiled.run(input_stage, phases).transpose(1, 2)  # (16, P, C) view of (16, C, P)
         products = gemm.products(transformed.transpose(1, 2), tiles.transpose(1, 2))  # 16 x (K, P): U[xi] (K, C) @ V[xi]
     output = compiled.run(output_stage, bias, batch, tiles_h, tiles_w, *products)
     output = output[:, :out_height, :out_width].permute(0, 3, 1, 2) if nhwc else output[:, :, :out_height, :out_width]
-    return output, tiles
+    return output, tiles, phases
 
 
 def grad_input(grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor | None:
     """The 3x3 conv of grad_output (N, K, H_out, W_out) contiguous, padded by 2 - padding, kernel flipped and transposed
     -> (N, C, H, W), or None."""
+    result = grad_input_and_phases(grad_output, weight, spec)
+    return None if result is None else result[0]
+
+
+def grad_input_and_phases(
+    grad_output: torch.Tensor, weight: torch.Tensor, spec: ConvSpec
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(`grad_input`, grad_output's column phases for `grad_weight`'s `grad_phases`, or None) or None.
+
+    At padding 1 all round (3x3 "same"), grad_input's phases of the grad padded by 1 hold every value grad_weight's
+    transform reads, one row and one column further on; elsewhere, or for a channels-last grad, None."""
     top, bottom, left, right = spec.padding
     pads = (2 - top, 2 - bottom, 2 - left, 2 - right)
     if min(pads) < 0:
         return None
-    return forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, pads)
+    result = _forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, pads)
+    if result is None:
+        return None
+    output, _, phases = result
+    return output, (phases if pads == (1, 1, 1, 1) else None)
 
 
 def grad_weight(
@@ -126,11 +145,14 @@ def grad_weight(
     weight: torch.Tensor,
     pads: tuple[int, int, int, int],
     tiles: torch.Tensor | None = None,
+    grad_phases: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """dW = G^T (sum over tiles V dM^T) G: grad_output (N, K, H_out, W_out), input (N, C, H, W) -> (K, C, 3, 3), or None.
 
     tiles: the forward's V of this input as a (16, P, C) view (`forward_keeping`), else rebuilt here from the input's
-    column phases (at 64x56, batch 4, that rebuild was 1.1 of this pass's 3.9 ms).
+    column phases (at 64x56, batch 4, that rebuild was 1.1 of this pass's 3.9 ms). grad_phases: grad_input's column
+    phases of this grad (`grad_input_and_phases`), read before anything here takes their scratch buffer, else the
+    grad's own are copied.
     """
     from kernels.winograd import _column_phases
 
@@ -143,16 +165,17 @@ def grad_weight(
     products_like = [torch.empty(out_channels, channels, dtype=input.dtype, device="meta")] * 16
     stages_ready = [
         tiles is not None or compiled.ready(_input_tiles, torch.empty(channels, *phases, dtype=input.dtype, device="meta")),
-        compiled.ready(_grad_tiles, torch.empty(out_channels, *phases, dtype=input.dtype, device="meta")),
+        compiled.ready(_grad_tiles, torch.empty(out_channels, *phases, dtype=input.dtype, device="meta"), int(grad_phases is not None)),
         compiled.ready(_weight_grad, *products_like),
     ]
     if not all(stages_ready):
         return None
-    if tiles is None:
+    if grad_phases is not None:
+        grad_tiles = compiled.run(_grad_tiles, grad_phases, 1)  # dM (16, K, P)
+    else:  # padding (0, 2, 0, 2) keeps H_out x W_out as the "output" size: the grad rounded up to whole tiles
+        grad_tiles = compiled.run(_grad_tiles, _column_phases(grad_output, (0, 2, 0, 2))[0], 0)
+    if tiles is None:  # the input's phases take the scratch buffer the grad's were in: dM is computed
         tiles = compiled.run(_input_tiles, _column_phases(input, pads)[0]).transpose(1, 2)  # V (16, P, C) view
-    # The grad's phases reuse the input's scratch buffer: V is already computed from it. Padding (0, 2, 0, 2)
-    # keeps H_out x W_out as the "output" size, so the phases hold the grad rounded up to whole tiles.
-    grad_tiles = compiled.run(_grad_tiles, _column_phases(grad_output, (0, 2, 0, 2))[0])  # dM (16, K, P)
     # dU[xi]^T = dM[xi] (K, P) @ V[xi] (P, C), each its own tensor (a stacked result copies all 16), then
     # dW = G^T dU G in one compiled pass. As a stacked bmm and a (9, 16) @ (16, C*K) GEMM (kernels/winograd.py)
     # the copies and that odd-shaped GEMM took 1.4 of 3.5 ms at 256x14, batch 4 (2 threads).
@@ -241,8 +264,9 @@ def _output_tiles_nhwc(bias: torch.Tensor | None, batch: int, tiles_h: int, tile
     return output + (0.0 if bias is None else bias)  # "+ 0.0": one pass, as in `_output_tiles`
 
 
-def _grad_tiles(split: torch.Tensor) -> torch.Tensor:
-    """split (K, N, 2*T_h + 2, 2, T_w + 1), [k, n, r, q, t] = grad[n, k, r, 2t + q] (zero past the output)
+def _grad_tiles(split: torch.Tensor, offset: int) -> torch.Tensor:
+    """split (K, N, 2*T_h + 2, 2, T_w + 1), [k, n, r, q, t] = grad[n, k, r - offset, 2t + q - offset] (zero outside the
+    grad): the grad's column phases (offset 0) or grad_input's, of the grad padded by 1 (offset 1)
     -> dM = A dY A^T (16, K, N*T_h*T_w), the output transform's adjoint.
 
     A = [[1, 0], [1, 1], [1, -1], [0, -1]]: of each tile's two rows (and then columns) first, first +
@@ -251,9 +275,10 @@ def _grad_tiles(split: torch.Tensor) -> torch.Tensor:
     """
     channels, batch, height, _, width = split.shape
     tiles_h, tiles_w = (height - 2) // 2, width - 1
-    first, second = split[:, :, 0 : 2 * tiles_h : 2], split[:, :, 1 : 2 * tiles_h : 2]  # (K, N, T_h, 2, T_w + 1)
+    first, second = (split[:, :, offset + i : offset + i + 2 * tiles_h : 2] for i in range(2))  # (K, N, T_h, 2, T_w + 1)
     tiles = []
     for mixed in (first, first + second, first - second, -second):
-        left, right = mixed[:, :, :, 0, :tiles_w], mixed[:, :, :, 1, :tiles_w]
+        # grad column 2t + j is split column 2t + j + offset: phase (j + offset) % 2, at t + (j + offset) // 2
+        left, right = (mixed[:, :, :, (j + offset) % 2, (j + offset) // 2 : (j + offset) // 2 + tiles_w] for j in range(2))
         tiles += [left, left + right, left - right, -right]
     return torch.stack(tiles).reshape(16, channels, batch * tiles_h * tiles_w)

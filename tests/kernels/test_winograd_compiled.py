@@ -105,9 +105,9 @@ def _grad_weight_spy(monkeypatch) -> list:
     calls = []
     real = winograd_compiled.grad_weight
 
-    def spy(grad_output, input, weight, pads, tiles=None):
+    def spy(grad_output, input, weight, pads, tiles=None, grad_phases=None):
         calls.append(tiles is not None)
-        return real(grad_output, input, weight, pads, tiles)
+        return real(grad_output, input, weight, pads, tiles, grad_phases)
 
     monkeypatch.setattr(winograd_compiled, "grad_weight", spy)
     return calls
@@ -169,3 +169,23 @@ def test_a_nonfinite_grad_after_a_finite_forward_runs_exact(compile_sync):
         assert torch.equal(ours.isinf(), theirs.isinf()), f"{name}: infinities in other places than torch's"
         finite = theirs.isfinite()
         torch.testing.assert_close(ours[finite], theirs[finite], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [CASES[0], Case("pad1_odd", in_channels=2, out_channels=3, padding=1, batch=2, size=(7, 9)), CASES[2]],
+    ids=lambda case: case.id,
+)
+def test_grad_weight_reads_grad_inputs_phases_at_padding_one(case, compile_sync, monkeypatch):
+    """At padding 1 grad_weight's transform reads the grad's column phases that grad_input built (padded by 1, one row
+    and column further on) instead of copying its own: two copies per forward+backward (the input's, the grad's), not
+    three; at other paddings three. Every gradient against the float64 oracle."""
+    from kernels import winograd
+
+    copies = []
+    real = winograd._column_phases
+    monkeypatch.setattr(winograd, "_column_phases", lambda *args: copies.append(args[1]) or real(*args))
+    assert_matches_oracle(case, "winograd", torch.float64, seed=79)  # compiles: the first pass runs eager
+    copies.clear()
+    assert_matches_oracle(case, "winograd", torch.float64, seed=83)
+    assert len(copies) == (2 if case.padding == 1 else 3), copies
