@@ -114,7 +114,8 @@ class ConvAlgorithm(ABC):
         need_input: bool,
         need_weight: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`backward`, given what `forward_keeping` kept from the forward of this input and weight."""
+        """`backward`, given what `forward_keeping` kept from the forward of this input and weight; never while autograd
+        records (a double backward), where the gradients must stay functions of the input and weight."""
         return self.backward(grad_output, input, weight, spec, need_input, need_weight)
 
 

@@ -148,7 +148,8 @@ def gradients(
     # weight finite: only the grad is new.
     known_finite = kept is not None and kept[0] is algorithm and "forward" in algorithm.inexact_nonfinite
     algorithm = _exact_for_nonfinite(algorithm, "backward", padded, weight, run_spec, grad_output, known_finite=known_finite)
-    if kept is not None and kept[0] is algorithm:
+    # Not in a double backward: what the forward kept is not a function of the input there, and grad_weight must be.
+    if kept is not None and kept[0] is algorithm and not torch.is_grad_enabled():
         grad_input, grad_weight = algorithm.backward_kept(kept[1], grad_output, padded, weight, run_spec, need_input, need_weight)
     else:
         grad_input, grad_weight = algorithm.backward(grad_output, padded, weight, run_spec, need_input, need_weight)

@@ -438,9 +438,7 @@ class Im2col(ConvAlgorithm):
         return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
 
     def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
-        # While autograd records (double backward) grad_weight must stay a function of the input: no kept columns.
-        columns = None if torch.is_grad_enabled() else kept
-        return self._backward(grad_output, input, weight, spec, need_input, need_weight, columns)
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, kept)
 
     def _backward(self, grad_output, input, weight, spec, need_input, need_weight, columns):
         """columns: the forward's (`_forward` with keep), or None."""

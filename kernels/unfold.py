@@ -88,9 +88,7 @@ class Unfold(ConvAlgorithm):
         return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
 
     def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
-        # While autograd records (double backward) grad_weight must stay a function of the input: no kept patches.
-        patches = None if torch.is_grad_enabled() else kept
-        return self._backward(grad_output, input, weight, spec, need_input, need_weight, patches)
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, kept)
 
     def _backward(self, grad_output, input, weight, spec, need_input, need_weight, patches):
         """patches: the forward's (`_forward`), or None."""
