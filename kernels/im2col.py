@@ -303,10 +303,11 @@ class Im2col(ConvAlgorithm):
         return self._forward(input, weight, bias, spec, keep=False)[0]
 
     def forward_keeping(self, input, weight, bias, spec):
-        """A one-block GEMM forward keeps its columns for grad_weight, which would gather them again (forward+backward,
-        same process, the two orders alternated: 128x28 s2 4% faster at batch 4, 9% at batch 1, the stem 12%, stride 1
-        at batch 1 2-6%)."""
-        return self._forward(input, weight, bias, spec, keep=input.dtype not in HALF)
+        """A one-block GEMM forward keeps its columns for grad_weight, which would gather them again, where the stride is
+        more than 1 (128x28 s2 4-9% faster forward+backward, the stem 7-12%). At stride 1 grad_input is a forward conv
+        that gathers columns as big into the scratch buffer, and kept ones beside them doubled that working set: in
+        `bench_kernels`' alternation with nn.Conv2d, 64x56 at batch 1 read 6-8% slower (docs/performance.md round 20)."""
+        return self._forward(input, weight, bias, spec, keep=input.dtype not in HALF and spec.stride != (1, 1))
 
     def _forward(self, input, weight, bias, spec, keep):
         """(output, the columns grad_weight can reuse or None); with `keep`, a one-block GEMM forward whose columns fit
