@@ -429,14 +429,30 @@ class Depthwise(ConvAlgorithm):
             return channel_blocks[0]
         return torch.stack(channel_blocks, dim=2).flatten(1, 2)  # (N, C, m, H_out, W_out): channel c*m + k
 
+    def forward_keeping(self, input, weight, bias, spec):
+        """The compiled forward keeps its zero-padded input for grad_weight's tap sums, which would pad it again."""
+        if input.dtype not in HALF and depthwise_compiled.eligible(input, weight, spec):
+            result = depthwise_compiled.forward_keeping(input, weight, bias, spec)
+            if result is not None:
+                output, padded = result
+                return output, (padded if padded.numel() * padded.element_size() <= get_limits().kept_for_backward_bytes else None)
+        return self.forward(input, weight, bias, spec), None
+
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
+
+    def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, kept)
+
+    def _backward(self, grad_output, input, weight, spec, need_input, need_weight, padded_input):
+        """padded_input: the compiled forward's zero-padded input (`forward_keeping`), or None."""
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
         if depthwise_compiled.eligible(input, weight, spec):
             # the grad in the layout the compiled code reads: the input's (NCHW, or channels-last)
             grad = grad_output.contiguous(memory_format=torch.channels_last if strictly_channels_last(input) else torch.contiguous_format)
-            grads = depthwise_compiled.backward(grad, input, weight, spec, need_input, need_weight)
+            grads = depthwise_compiled.backward(grad, input, weight, spec, need_input, need_weight, padded_input)
             if grads is not None:
                 return grads
         if _flat_eligible(input, weight, spec):

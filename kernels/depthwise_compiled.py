@@ -49,20 +49,28 @@ def eligible(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
 def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor | None:
     """input (N, C, H, W) contiguous or channels-last, weight (C, 1, kH, kW) -> (N, C, H_out, W_out) in the input's
     layout, or None (not compiled yet)."""
+    result = forward_keeping(input, weight, bias, spec)
+    return None if result is None else result[0]
+
+
+def forward_keeping(input, weight, bias, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(`forward`'s output, the zero-padded input it read, which `backward` takes as `padded_input`) or None."""
     top, bottom, left, right = spec.padding
     nhwc = strictly_channels_last(input)
     taps = _taps(weight, nhwc)
     padded_like = _padded_like(input, top + bottom, left + right, nhwc)
     if not compiled.ready(_forward, padded_like, taps, bias, *spec.dilation, int(nhwc)):
         return None
-    output = compiled.run(_forward, _padded(input, (left, right, top, bottom), nhwc), taps, bias, *spec.dilation, int(nhwc))
-    return output.permute(0, 3, 1, 2) if nhwc else output
+    padded = _padded(input, (left, right, top, bottom), nhwc)
+    output = compiled.run(_forward, padded, taps, bias, *spec.dilation, int(nhwc))
+    return (output.permute(0, 3, 1, 2) if nhwc else output), padded
 
 
-def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool):
+def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_weight: bool, padded_input=None):
     """(grad_input (N, C, H, W) or None, grad_weight (C, 1, kH, kW) or None), or None (not compiled yet).
 
     grad_output (N, C, H_out, W_out), in the input's layout (NCHW-contiguous or channels-last); grad_input in it too.
+    padded_input: the forward's zero-padded copy of this input (`forward_keeping`), else padded again here.
     """
     top, bottom, left, right = spec.padding
     reach_h, reach_w = spec.dilation[0] * (weight.shape[2] - 1), spec.dilation[1] * (weight.shape[3] - 1)
@@ -81,7 +89,7 @@ def backward(grad_output, input, weight, spec: ConvSpec, need_input: bool, need_
         _backward,
         _padded(grad_output, grad_pads, nhwc) if need_input else None,
         taps,
-        _padded(input, (left, right, top, bottom), nhwc) if need_weight else None,
+        (_padded(input, (left, right, top, bottom), nhwc) if padded_input is None else padded_input) if need_weight else None,
         grad,
         *spec.dilation,
         int(nhwc),

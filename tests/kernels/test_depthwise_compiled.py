@@ -161,3 +161,22 @@ def test_no_padded_copy_unless_compiled_code_runs(mode, monkeypatch):
         assert depthwise_compiled.backward(g, x, w, spec, True, True) is None
         assert compiled.stats()["pending"] == (2 if mode == "background" else 0)  # both passes queued
     assert pads == []
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=lambda case: case.id)
+def test_backward_reuses_the_forwards_padded_input(case, compile_sync, monkeypatch, restore_limits):
+    """Under autograd the compiled forward keeps its zero-padded input and the backward's grad_weight sums read it
+    (padded once per forward+backward, not twice; twice past `kept_for_backward_bytes`), against the oracle."""
+    import kernels
+
+    handed = []
+    real = depthwise_compiled.backward
+    monkeypatch.setattr(depthwise_compiled, "backward", lambda *args: handed.append(args[-1] is not None) or real(*args))
+    assert_matches_oracle(case, "depthwise", torch.float64, seed=89)  # compiles: the first pass runs eager
+    handed.clear()
+    assert_matches_oracle(case, "depthwise", torch.float64, seed=97)
+    assert handed == [True]
+    kernels.set_limits(kept_for_backward_bytes=1)
+    handed.clear()
+    assert_matches_oracle(case, "depthwise", torch.float64, seed=101)
+    assert handed == [False]
