@@ -307,3 +307,28 @@ def test_im2col_phase_split_holds_each_stride_phase_of_the_padded_input(width, s
     assert _use_phases(x, w, spec)
     output = Im2col().forward(x, w, b, spec)  # asymmetric padding: the algorithm's own interface
     assert_parity("output", output, torch.nn.functional.conv2d(padded, w, b, stride=stride), torch.float64)
+
+
+def test_a_kept_buffer_is_released_by_its_backward(monkeypatch):
+    """The output (and so its graph) lives on after backward; what the forward kept for the backward must not."""
+    import gc
+    import weakref
+
+    refs = []
+    real = unfold.Unfold.forward_keeping
+
+    def spy(self, *args):
+        output, kept = real(self, *args)
+        refs.append(weakref.ref(kept))
+        return output, kept
+
+    monkeypatch.setattr(unfold.Unfold, "forward_keeping", spy)
+    input = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    output = kernels.conv2d(input, weight, padding=1, algorithm="unfold")
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is not None, "the forward kept nothing to test with"
+    output.sum().backward()
+    gc.collect()
+    assert refs[0]() is None, "the kept patches outlived the backward"
+    assert output.grad_fn is not None  # the graph itself is still referenced
