@@ -121,7 +121,10 @@ def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """torch.bmm(a, b).unbind(0), except that through oneDNN each product is its own tensor (no copy into a batch):
     for a consumer that reads the B products separately (Winograd's output transform)."""
     if a.shape[0] and _onednn_for(a[0], b[0]):
-        return tuple(_onednn_linear(a[index].contiguous(), b[index].t(), None, "none", [], "") for index in range(a.shape[0]))
+        # unbind: one call for all 16 operands of Winograd's products, where indexing, .contiguous() and .t() per product
+        # took ~5 us each (80 us of a 1.7 ms call at 64x56, batch 4)
+        rows, columns = a.contiguous().unbind(0), b.transpose(1, 2).unbind(0)
+        return tuple(_onednn_linear(x, w, None, "none", [], "") for x, w in zip(rows, columns))
     return torch.bmm(a, b).unbind(0)
 
 
