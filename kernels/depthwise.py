@@ -44,7 +44,7 @@ import torch
 from kernels import depthwise_compiled
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
 from kernels.layout import strictly_channels_last
-from kernels.limits import get_limits
+from kernels.limits import get_limits, keepable
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 from kernels.workspace import scratch
@@ -435,7 +435,7 @@ class Depthwise(ConvAlgorithm):
             result = depthwise_compiled.forward_keeping(input, weight, bias, spec)
             if result is not None:
                 output, padded = result
-                return output, (padded if padded.numel() * padded.element_size() <= get_limits().kept_for_backward_bytes else None)
+                return output, (padded if keepable(padded.numel(), padded) else None)
         return self.forward(input, weight, bias, spec), None
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, register
-from kernels.limits import get_limits
+from kernels.limits import get_limits, keepable
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 from kernels.workspace import scratch
@@ -93,11 +93,6 @@ def _grouped_columns(patches: torch.Tensor, groups: int, own: bool = False) -> t
         return columns.copy_(patches).view(1, -1, kernel_h * kernel_w * channels)
     split = patches.reshape(*lead, kernel_h, kernel_w, groups, channels // groups)
     return split.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, -1, kernel_h * kernel_w * (channels // groups))
-
-
-def _keepable(elements: int, like: torch.Tensor) -> bool:
-    """Whether a buffer of `elements` like `like`'s fits `Limits.kept_for_backward_bytes` (`ConvAlgorithm.forward_keeping`)."""
-    return elements * like.element_size() <= get_limits().kept_for_backward_bytes
 
 
 def _weight_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -329,7 +324,7 @@ class Im2col(ConvAlgorithm):
             row_bytes = out_width * weights.shape[0] * weights.shape[1] * padded.element_size()
             blocks = list(_row_blocks(batch, out_height, row_bytes))
             if spec.groups == 1 and len(blocks) == 1:  # one block: the product, bias included, is the output (no copy)
-                keep = keep and _keepable(batch * out_height * out_width * weights.shape[1], padded)
+                keep = keep and keepable(batch * out_height * out_width * weights.shape[1], padded)
                 columns = _grouped_columns(_patches(padded, spec, (kernel_h, kernel_w), slice(0, out_height), out_width), 1, own=keep)
                 output = gemm.mm(columns[0], weights[0], bias=bias).view(batch, out_height, out_width, out_channels)
                 return output.permute(0, 3, 1, 2), (columns if keep else None)
@@ -395,7 +390,7 @@ class Im2col(ConvAlgorithm):
         keep = (
             keep
             and _block_count(batch, out_height, row_bytes) == 1
-            and _keepable(batch * weight_rows.shape[1] * out_height * out_width, input)
+            and keepable(batch * weight_rows.shape[1] * out_height * out_width, input)
         )
         kept = None
         for images, rows, matrix in _phase_columns(split, spec, weight.shape, out_hw, ones=bias is not None, own=keep):

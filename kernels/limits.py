@@ -42,6 +42,12 @@ def set_limits(**changes: int) -> Limits:
     return _current
 
 
+def keepable(elements: int, like) -> bool:
+    """Whether a buffer of `elements` like `like`'s (a tensor: its element size) fits `kept_for_backward_bytes`, what a
+    forward may keep for its backward (`ConvAlgorithm.forward_keeping`)."""
+    return elements * like.element_size() <= _current.kept_for_backward_bytes
+
+
 def macs(batch: int, out_channels: int, out_height: int, out_width: int, in_per_group: int, kernel_height: int, kernel_width: int) -> int:
     """Multiply-accumulates of one forward pass."""
     return batch * out_channels * out_height * out_width * in_per_group * kernel_height * kernel_width

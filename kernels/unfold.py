@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
-from kernels.limits import get_limits
+from kernels.limits import keepable
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 
@@ -64,7 +64,7 @@ class Unfold(ConvAlgorithm):
     def forward_keeping(self, input, weight, bias, spec):
         """The patches, for grad_weight (which would unfold the input again), where they fit the keep limit."""
         output, patches = self._forward(input, weight, bias, spec)
-        keep = patches is not None and patches.numel() * patches.element_size() <= get_limits().kept_for_backward_bytes
+        keep = patches is not None and keepable(patches.numel(), patches)
         return output, (patches if keep else None)
 
     def _forward(self, input, weight, bias, spec):

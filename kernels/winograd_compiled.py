@@ -31,7 +31,7 @@ import torch
 
 from kernels import compiled, gemm
 from kernels.layout import strictly_channels_last
-from kernels.limits import get_limits
+from kernels.limits import get_limits, keepable
 from kernels.params import ConvSpec
 
 
@@ -68,7 +68,7 @@ def forward_keeping(
     if result is None:
         return None
     output, tiles, _ = result
-    return output, (tiles if tiles.numel() * tiles.element_size() <= get_limits().kept_for_backward_bytes else None)
+    return output, (tiles if keepable(tiles.numel(), tiles) else None)
 
 
 def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
