@@ -409,10 +409,12 @@ class Im2col(ConvAlgorithm):
         out_channels = weight.shape[0]
         out_hw = grad_output.shape[2:]
         grad = grad_output.reshape(grad_output.shape[0], out_channels, out_hw[0] * out_hw[1])  # (N, C_out, L): a view for NCHW
-        if columns is not None:  # the forward's, one block (`_phase_forward`)
-            return gemm.bmm(grad, columns.transpose(1, 2)).sum(0).view(weight.shape)
+        if columns is not None:  # the forward's, one block of every image and row (`_phase_forward`)
+            blocks = [(slice(0, grad.shape[0]), slice(0, out_hw[0]), columns)]
+        else:
+            blocks = _phase_columns(_phase_split(input, spec), spec, weight.shape, out_hw, ones=False)
         total = None
-        for images, rows, matrix in _phase_columns(_phase_split(input, spec), spec, weight.shape, out_hw, ones=False):
+        for images, rows, matrix in blocks:
             block = grad[images, :, rows.start * out_hw[1] : rows.stop * out_hw[1]]
             product = gemm.bmm(block, matrix.transpose(1, 2)).sum(0)  # (C_out, C_in*kH*kW)
             total = product if total is None else total.add_(product)

@@ -36,6 +36,22 @@ CASES = [
 ]
 
 
+def _problem(case: Case, seed: int):
+    """(input, weight, bias, spec, a random grad_output) of `case` in float64."""
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=seed)
+    spec = normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
+    grad = torch.randn(input.shape[0], weight.shape[0], *spec.output_size(*input.shape[2:], 3, 3), dtype=torch.float64)
+    return input, weight, bias, spec, grad
+
+
+def _compiled_forward(case: Case, seed: int):
+    """(input, weight, bias, output) of `case` in float64 through winograd under autograd, after a first call that
+    compiles its transforms (and runs eager)."""
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=seed)
+    kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
+    return input, weight, bias, kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
+
+
 @pytest.mark.parametrize(
     ("case", "dtype"),
     [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32), (CASES[4], torch.float32)],
@@ -50,9 +66,7 @@ def test_compiled_transforms_match_the_oracle(case, dtype, compile_sync):
 def test_grad_input_compiles_only_within_its_padding(compile_sync):
     """grad_input is the forward on grad_output padded by 2 - padding: none for padding 3."""
     case = CASES[3]
-    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=23)
-    spec = normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
-    grad = torch.randn(input.shape[0], weight.shape[0], *spec.output_size(*input.shape[2:], 3, 3), dtype=torch.float64)
+    input, weight, bias, spec, grad = _problem(case, seed=23)
     with torch.no_grad():
         assert winograd_compiled.grad_input(grad, weight, spec) is None
         assert winograd_compiled.forward(input, weight, bias, spec.padding) is not None
@@ -75,9 +89,7 @@ def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(backend, eage
 def test_compiled_grad_weight_comes_in_the_weights_layout(compile_sync):
     """Contiguous (K, C, 3, 3), as autograd accumulates it without a copy (a transposed one cost 0.8 ms at 256x14)."""
     case = CASES[0]
-    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=29)
-    spec = normalize(input, weight, bias, case.stride, case.padding, case.dilation, case.groups, case.padding_mode)
-    grad = torch.randn(input.shape[0], weight.shape[0], *spec.output_size(*input.shape[2:], 3, 3), dtype=torch.float64)
+    input, weight, bias, spec, grad = _problem(case, seed=29)
     with torch.no_grad():
         grad_weight = winograd_compiled.grad_weight(grad, input, weight, spec.padding)
     expected = torch.ops.aten.convolution_backward(
@@ -139,10 +151,8 @@ def test_a_second_backward_rebuilds_the_tiles(compile_sync, monkeypatch):
     graph rebuilds them and gets the same gradients."""
     case = CASES[0]
     calls = _grad_weight_spy(monkeypatch)
-    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=53)
-    kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")  # compiles
+    input, weight, bias, output = _compiled_forward(case, seed=53)
     calls.clear()
-    output = kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
     grad_output = torch.randn_like(output)
     first = torch.autograd.grad(output, (input, weight), grad_output, retain_graph=True)
     second = torch.autograd.grad(output, (input, weight), grad_output)
@@ -157,9 +167,7 @@ def test_a_nonfinite_grad_after_a_finite_forward_runs_exact(compile_sync):
     """The forward found input and weight finite and kept its tiles; the backward still sums the grad, and a NaN or
     an infinity in it sends the backward to im2col, which spreads them as torch does."""
     case = CASES[0]
-    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=59)
-    kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")  # compiles
-    output = kernels.conv2d(input, weight, bias, padding=case.padding, algorithm="winograd")
+    input, weight, bias, output = _compiled_forward(case, seed=59)
     grad_output = torch.randn_like(output)
     grad_output[0, 1, 2, 3], grad_output[1, 0, 0, 0] = float("nan"), float("inf")
     actual = torch.autograd.grad(output, (input, weight), grad_output)
