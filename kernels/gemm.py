@@ -43,6 +43,7 @@ COPY_MIN_COLUMNS = 32
 ONEDNN_MARGIN = 1.15
 
 _onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_onednn_linear_add = getattr(_onednn_linear, "binary", None)  # the same GEMM, adding a tensor in its epilogue
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
@@ -126,6 +127,25 @@ def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows, columns = a.contiguous().unbind(0), b.transpose(1, 2).unbind(0)
         return tuple(_onednn_linear(x, w, None, "none", [], "") for x, w in zip(rows, columns))
     return torch.bmm(a, b).unbind(0)
+
+
+def sum_of_products(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + sum_i a_i @ b_i: each a_i (M, K_i) @ b_i (K_i, N) -> (M, N), a new tensor.
+
+    Through oneDNN each product after the first adds the running sum in the GEMM's own epilogue (its fused binary
+    add), while the sum's block is in cache: a separate add would read and write the whole sum once more per
+    product. Elsewhere torch's addmm_ accumulates in place, which stays differentiable for double backward (it
+    saves its two factors, not the sum)."""
+    (first, first_right), rest = pairs[0], pairs[1:]
+    if _onednn_linear_add is not None and _onednn_for(first, first_right, bias):
+        total = _onednn_linear(first.contiguous(), first_right.t(), bias, "none", [], "")
+        for a, b in rest:
+            total = _onednn_linear_add(a.contiguous(), total, b.t(), None, "add")
+        return total
+    total = torch.mm(first, first_right) if bias is None else torch.addmm(bias, first, first_right)
+    for a, b in rest:
+        total.addmm_(a, b)
+    return total
 
 
 def routes_to_onednn(dtype: torch.dtype) -> bool:

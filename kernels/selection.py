@@ -96,8 +96,10 @@ WINOGRAD_WIDE_MIN_OUTPUT = 14
 # Where the GEMMs go through oneDNN (kernels/gemm.py: round 18, the AVX-512 host) im2col's few long GEMMs
 # gain the most, and the thresholds above (measured with MKL) move. Measured 2026-11-28, 2 threads, 3x3
 # stride 1, C_in = C_out, ours/nn.Conv2d fwd / fwd+bwd, 7 reps (docs/performance.md round 18):
-# - shifted_gemm (its per-tap GEMMs accumulate in place, which oneDNN's op cannot) lost to im2col in all 13
-#   cases, batch 1-4 (64x56 batch 1: 2.39/2.60 vs 1.38/2.05; 128x28 batch 1: 2.39/2.62 vs 1.28/1.63): skipped.
+# - shifted_gemm, its per-tap GEMMs then on MKL (accumulated in place by addmm_), lost to im2col in all 13 cases,
+#   batch 1-4 (64x56 batch 1: 2.39/2.60 vs 1.38/2.05; 128x28 batch 1: 2.39/2.62 vs 1.28/1.63). Since round 21 they
+#   run on oneDNN, each adding the running sum in its epilogue (kernels/gemm.py `sum_of_products`), at ~400 GFLOP/s:
+#   the ONEDNN_SHIFTED_* rules below.
 # - unfold (its GEMMs through oneDNN too): wins at 196 positions from 256 channels (14x14 at batch 1, 256
 #   and 512 channels: 1.57/1.72 and 1.12/1.50 vs im2col 1.89/2.40 and 1.86/2.36; 512x7: 0.87/1.68), splits
 #   with im2col at 64-128 channels (128: 1.86/1.88 vs 1.67/1.96), and loses from 256 positions (64x16 at
@@ -107,6 +109,19 @@ WINOGRAD_WIDE_MIN_OUTPUT = 14
 #   (batch 4: 1.72/1.73, 1.11/1.24, 1.17/1.44 vs im2col 2.23/2.35, 1.45/1.77, 1.52/1.70).
 ONEDNN_UNFOLD_MAX_POSITIONS = 196
 ONEDNN_WINOGRAD_MIN_GEMM_MACS = 8 << 20
+# shifted_gemm through oneDNN (round 21, 2 threads, 3x3 stride 1, C_in = C_out, ours/nn.Conv2d fwd / fwd+bwd, one
+# process per row, noisy host): at 56x56 (waste 1.07) with 64 channels it beats winograd and im2col from batch 2
+# (batch 4: 1.61/1.53 vs winograd 2.04/1.73, im2col 1.81/2.17; batch 2: 1.63/1.55 vs im2col 1.56/1.99) and 32
+# channels at batch 4 (1.97/2.11 vs im2col 1.90/2.78), but not at batch 1 (64: 1.53/1.56 vs im2col 1.26/1.64) nor
+# from 96 channels, where winograd's 2.25x fewer multiply-adds win (96 at batch 4: 1.46/1.50 vs 1.45/1.20). At 28x28
+# (waste 1.15) im2col wins every case (64 at batch 4: 1.77/1.77 vs 1.38/1.50). Its per-tap GEMMs are
+# (wide rows x C_in) @ (C_in x C_out): it needs this many rows (one 56x56 image has 3,364; 32 channels at batch 2,
+# 6.9M multiply-adds a GEMM: 2.30/2.27 vs im2col 1.78/2.46) and this many multiply-adds per GEMM, at most this many
+# channels and this much waste.
+ONEDNN_SHIFTED_MIN_ROWS = 6000
+ONEDNN_SHIFTED_MIN_GEMM_MACS = 12 << 20
+ONEDNN_SHIFTED_MAX_CHANNELS = 64
+ONEDNN_SHIFTED_MAX_WASTE = 1.1
 
 
 def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
@@ -125,8 +140,8 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
         compiles = input.device.type == "cpu" and compiled.available()  # kernels/winograd_compiled.py
-        if threaded and few_channels and not compiles and _worth_running("shifted_gemm", input, weight, spec):
-            return False  # shifted_gemm scales better across threads (SHIFTED_OVER_WINOGRAD_THREADS)
+        if few_channels and (onednn or (threaded and not compiles)) and _worth_running("shifted_gemm", input, weight, spec):
+            return False  # shifted_gemm's GEMMs run faster (ONEDNN_SHIFTED_*) or scale better across threads
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
         least = ONEDNN_WINOGRAD_MIN_GEMM_MACS if onednn else WINOGRAD_MIN_THREADED_GEMM_MACS if threaded else WINOGRAD_MIN_GEMM_MACS
@@ -138,7 +153,16 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         return channels >= WINOGRAD_MIN_CHANNELS and size >= WINOGRAD_MIN_OUTPUT
     if name != "shifted_gemm":
         return True
-    return not onednn and shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
+    if not onednn:
+        return shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
+    wide_rows = input.shape[0] * (input.shape[2] + spec.padding[0] + spec.padding[1]) * (input.shape[3] + spec.padding[2] + spec.padding[3])
+    return (
+        spec.groups == 1
+        and max(weight.shape[0], weight.shape[1]) <= ONEDNN_SHIFTED_MAX_CHANNELS
+        and wide_rows >= ONEDNN_SHIFTED_MIN_ROWS
+        and wide_rows * weight.shape[0] * weight.shape[1] >= ONEDNN_SHIFTED_MIN_GEMM_MACS
+        and shifted_gemm.waste(input, weight, spec) <= ONEDNN_SHIFTED_MAX_WASTE
+    )
 
 
 def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:

@@ -6,13 +6,17 @@ r + i*dil_h*W_pad + j*dil_w, so every tap is one contiguous row slice of the fla
 
     wide[r] = sum_taps rows[r + offset_tap] @ weight_tap            (C, C_out per tap)
 
-is kH*kW GEMMs accumulated in place. Wide rows with x >= W_out or y >= H_out read wrapped-around
-data and are cropped away. No buffer is bigger than the padded input or the (wide) output, so
-there is nothing to chunk under the im2col workspace limit.
+is kH*kW GEMMs summed (kernels/gemm.py `sum_of_products`: through oneDNN each GEMM adds the running sum in
+its epilogue, which runs these K = C GEMMs near the CPU's peak). Wide rows with x >= W_out or y >= H_out
+read wrapped-around data and are cropped away; zero rows after the input keep the last taps' slices in
+bounds. No buffer is bigger than the padded input or the (wide) output, so there is nothing to chunk
+under the im2col workspace limit.
 
-Backward reuses the same slices: grad_weight_tap = rows[slice]^T @ grad_wide (a long reduction,
-K = N*H_pad*W_pad, which suits GEMM), and grad_input is the correlation of the zero-padded
-grad_output with the flipped kernel: grad_rows[s] = sum_taps grad_wide[s - offset_tap] @ weight_tap^T.
+Backward reuses the same slices: grad_weight_tap = grad_wide^T @ rows[slice] (a long reduction,
+K = N*H_pad*W_pad, which suits GEMM; through oneDNN the grad channel-major as its row-major operand), and
+grad_input is the correlation of the zero-padded grad_output with the flipped kernel:
+grad_rows[s] = sum_taps grad_wide[s - offset_tap] @ weight_tap^T. Under autograd the forward keeps its
+padded rows for grad_weight (`forward_keeping`).
 
 Stride 1 only: a strided conv would waste stride_h*stride_w of the GEMM rows (auto sends those
 to im2col). Groups loop over column slices of the same rows.
@@ -23,7 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import gemm
 from kernels.base import ConvAlgorithm, Support, UnsupportedProblem, register
+from kernels.limits import keepable
 from kernels.params import ConvSpec
 from kernels.precision import HALF, narrowed, widened
 
@@ -47,13 +53,25 @@ def waste(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> float:
     return _padded_area(input, spec) / max(1, out_height * out_width)
 
 
-def padded_rows(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """input (N, C, H, W), any memory format -> zero-padded NHWC (N, H_pad, W_pad, C), contiguous.
+def padded_rows(input: torch.Tensor, spec: ConvSpec, tail: int = 0) -> torch.Tensor:
+    """input (N, C, H, W), any memory format -> its zero-padded NHWC (N, H_pad, W_pad, C) as rows (N*H_pad*W_pad + tail, C),
+    contiguous, with `tail` zero rows after them (so that every tap's slice of a whole wide output stays in bounds).
 
-    F.pad (not zeros + copy) so the result stays differentiable for double backward.
+    F.pad where autograd records (double backward); else zeros only at the borders, then one transposing copy.
     """
     top, bottom, left, right = spec.padding
-    return F.pad(input.permute(0, 2, 3, 1), (0, 0, left, right, top, bottom)).contiguous()
+    batch, channels, height, width = input.shape
+    nhwc = input.permute(0, 2, 3, 1)
+    if torch.is_grad_enabled() and input.requires_grad:
+        grid = F.pad(nhwc, (0, 0, left, right, top, bottom)).reshape(-1, channels)
+        return F.pad(grid, (0, 0, 0, tail)) if tail else grid
+    padded_height, padded_width = height + top + bottom, width + left + right
+    rows = input.new_empty(batch * padded_height * padded_width + tail, channels)
+    grid = rows[: rows.shape[0] - tail].view(batch, padded_height, padded_width, channels)
+    for border in (grid[:, :top], grid[:, top + height :], grid[:, :, :left], grid[:, :, left + width :], rows[rows.shape[0] - tail :]):
+        border.zero_()
+    grid[:, top : top + height, left : left + width] = nhwc
+    return rows
 
 
 def tap_offsets(spec: ConvSpec, kernel: tuple[int, int], padded_width: int) -> list[int]:
@@ -78,18 +96,12 @@ def weight_from_taps(taps: torch.Tensor, weight_shape: torch.Size) -> torch.Tens
 def sum_of_shifted_gemms(
     rows: torch.Tensor, taps: torch.Tensor, offsets: list[int], count: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(count, C_out) = bias + sum_t rows[offsets[t] : offsets[t] + count] @ taps[t].
+    """(count, C_out) = bias + sum_t rows[offsets[t] : offsets[t] + count] @ taps[t]: rows (R, C), taps (T, C, C_out).
 
-    rows (R, C), taps (T, C, C_out). addmm_ in place stays differentiable (double backward): it
-    saves its two factors, not the accumulator.
-    """
+    kernels/gemm.py sums the products: through oneDNN, each GEMM adds the running sum in its epilogue."""
     if count <= 0:
         return rows.new_zeros(max(count, 0), taps.shape[-1])
-    first = rows[offsets[0] : offsets[0] + count]
-    start = torch.mm(first, taps[0]) if bias is None else torch.addmm(bias, first, taps[0])
-    for offset, tap in zip(offsets[1:], taps[1:]):
-        start.addmm_(rows[offset : offset + count], tap)
-    return start
+    return gemm.sum_of_products([(rows[offset : offset + count], tap) for offset, tap in zip(offsets, taps)], bias=bias)
 
 
 def crop(wide: torch.Tensor, out_shape: tuple[int, int, int], image_rows: int, padded_width: int) -> torch.Tensor:
@@ -110,6 +122,14 @@ def wide_rows(tensor: torch.Tensor, padded_hw: tuple[int, int], margin: int) -> 
     rows = tensor.new_zeros(margin + batch * padded_height * padded_width, channels)
     rows[margin:].view(batch, padded_height, padded_width, channels)[:, :height, :width] = nhwc
     return rows
+
+
+def wide_channels(tensor: torch.Tensor, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """tensor (N, C, h, w) -> (C, N*H_pad*W_pad): `wide_rows` channel-major (grad_weight's row-major GEMM operand)."""
+    batch, channels, height, width = tensor.shape
+    columns = tensor.new_zeros(channels, batch, *padded_hw)
+    columns[:, :, :height, :width] = tensor.transpose(0, 1)
+    return columns.view(channels, -1)
 
 
 def grouped(matrix: torch.Tensor, groups: int, group: int) -> torch.Tensor:
@@ -144,15 +164,25 @@ class ShiftedGemm(ConvAlgorithm):
         return spec.groups * weight.shape[2] * weight.shape[3]
 
     def forward(self, input, weight, bias, spec):
+        return self._forward(input, weight, bias, spec)[0]
+
+    def forward_keeping(self, input, weight, bias, spec):
+        """The padded input rows, for grad_weight (which would build them again), where they fit the keep limit."""
+        output, rows = self._forward(input, weight, bias, spec)
+        return output, (rows if rows is not None and keepable(rows.numel(), rows) else None)
+
+    def _forward(self, input, weight, bias, spec):
+        """(output (N, C_out, H_out, W_out) as a view of the wide NHWC result, the padded input rows or None for half
+        precision)."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
-            return self.forward(*widened(input, weight, bias), spec).to(input.dtype)
+            return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
-        padded = padded_rows(input, spec)
-        batch, padded_height, padded_width, channels = padded.shape
-        rows = padded.view(-1, channels)
+        batch = input.shape[0]
+        padded_height, padded_width = input.shape[2] + spec.padding[0] + spec.padding[1], input.shape[3] + spec.padding[2] + spec.padding[3]
         offsets = tap_offsets(spec, (kernel_h, kernel_w), padded_width)
-        count = rows.shape[0] - offsets[-1]  # every valid output row is below this
+        total = batch * padded_height * padded_width
+        rows = padded_rows(input, spec, tail=offsets[-1])  # every tap's slice of all `total` wide rows is in bounds
         taps = weight_taps(weight, spec.groups)
         out_per_group = out_channels // spec.groups
         blocks = [
@@ -160,15 +190,23 @@ class ShiftedGemm(ConvAlgorithm):
                 grouped(rows, spec.groups, g),
                 taps[g],
                 offsets,
-                count,
+                total,
                 None if bias is None else bias[g * out_per_group : (g + 1) * out_per_group],
             )
             for g in range(spec.groups)
         ]
         wide = blocks[0] if spec.groups == 1 else torch.cat(blocks, dim=1)
-        return crop(wide, (batch, out_height, out_width), padded_height * padded_width, padded_width).permute(0, 3, 1, 2)
+        output = crop(wide, (batch, out_height, out_width), padded_height * padded_width, padded_width).permute(0, 3, 1, 2)
+        return output, rows
 
     def backward(self, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, None)
+
+    def backward_kept(self, kept, grad_output, input, weight, spec, need_input, need_weight):
+        return self._backward(grad_output, input, weight, spec, need_input, need_weight, kept)
+
+    def _backward(self, grad_output, input, weight, spec, need_input, need_weight, rows):
+        """rows: the forward's padded input rows (`_forward`), or None."""
         if input.dtype in HALF:
             grad_input, grad_weight = self.backward(*widened(grad_output, input, weight), spec, need_input, need_weight)
             return narrowed(grad_input, input.dtype), narrowed(grad_weight, weight.dtype)
@@ -177,28 +215,33 @@ class ShiftedGemm(ConvAlgorithm):
         top, bottom, left, right = spec.padding
         batch, in_channels, height, width = input.shape
         padded_height, padded_width = height + top + bottom, width + left + right
-        out_height, out_width = grad_output.shape[2:]
         offsets = tap_offsets(spec, (kernel_h, kernel_w), padded_width)
         margin = offsets[-1]
         total = batch * padded_height * padded_width
-        # `margin` zero rows in front so that grad_input's reads at (row - offset) never go negative.
-        grad_rows = wide_rows(grad_output, (padded_height, padded_width), margin if need_input else 0)
-        grad_wide = grad_rows[grad_rows.shape[0] - total :]
 
         grad_weight = None
         if need_weight:
-            rows = padded_rows(input, spec).view(total, in_channels)
-            count = total - margin
-            grad_taps = torch.stack(
-                [
-                    torch.stack([grouped(rows, groups, g)[o : o + count].t() @ grouped(grad_wide, groups, g)[:count] for o in offsets])
-                    for g in range(groups)
-                ]
-            )
-            grad_weight = weight_from_taps(grad_taps, weight.shape)
+            if rows is None:
+                rows = padded_rows(input, spec, tail=margin)
+            if groups == 1 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled():
+                # oneDNN runs a GEMM with a row-major left operand: the grad channel-major (C_out, wide rows), against
+                # each tap's rows (a transposed view), straight into the weight's (C_out, C_in) order
+                columns = wide_channels(grad_output, (padded_height, padded_width))
+                grad_weight = torch.stack([gemm.mm(columns, rows[o : o + total]) for o in offsets], dim=-1).view(weight.shape)
+            else:
+                grad_wide = wide_rows(grad_output, (padded_height, padded_width), 0)
+                grad_taps = torch.stack(
+                    [
+                        torch.stack([grouped(rows, groups, g)[o : o + total].t() @ grouped(grad_wide, groups, g) for o in offsets])
+                        for g in range(groups)
+                    ]
+                )
+                grad_weight = weight_from_taps(grad_taps, weight.shape)
 
         grad_input = None
         if need_input:
+            # `margin` zero rows in front so that grad_input's reads at (row - offset) never go negative.
+            grad_rows = wide_rows(grad_output, (padded_height, padded_width), margin)
             flipped = weight_taps(weight, groups).transpose(2, 3).flip(1).contiguous()
             read_offsets = [margin - o for o in reversed(offsets)]
             blocks = [sum_of_shifted_gemms(grouped(grad_rows, groups, g), flipped[g], read_offsets, total) for g in range(groups)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import im2col, unfold
+from kernels import im2col, shifted_gemm, unfold
 from kernels.params import normalize
 from kernels.selection import choose
 from tests.kernels.cases import (
@@ -200,6 +200,55 @@ def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads,
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
     torch.set_num_threads(threads)
     assert choose(input, weight, spec).name == expected[gemm_backend == "onednn"]
+
+
+@pytest.mark.parametrize(
+    ("batch", "channels", "size", "expected"),
+    [
+        (4, 64, 56, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
+        (2, 64, 56, "shifted_gemm"),  # 6,728 rows
+        (1, 64, 56, "im2col"),  # 3,364 rows: under ONEDNN_SHIFTED_MIN_ROWS
+        (2, 32, 56, "im2col"),  # 6,728 rows, 6.9M MACs: under ONEDNN_SHIFTED_MIN_GEMM_MACS
+        (4, 32, 56, "shifted_gemm"),  # 13.8M MACs
+        (4, 96, 56, "winograd"),  # over ONEDNN_SHIFTED_MAX_CHANNELS
+        (4, 64, 28, "im2col"),  # waste 1.15, over ONEDNN_SHIFTED_MAX_WASTE
+    ],
+)
+def test_auto_takes_shifted_gemm_for_big_few_channel_images_with_onednn(batch, channels, size, expected, restore_threads, monkeypatch):
+    """3x3 stride 1 at 2 threads: with oneDNN's GEMMs (each tap's sum in its epilogue) shifted_gemm takes 56x56 images
+    of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM (kernels/selection.py ONEDNN_SHIFTED_*),
+    whether or not Winograd's transforms compile."""
+    force_gemm(monkeypatch, "onednn")
+    input, weight = torch.empty(batch, channels, size, size), torch.empty(channels, channels, 3, 3)
+    spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
+    torch.set_num_threads(2)
+    for mode in ("off", "background"):
+        with kernels.compiled.mode(mode):
+            assert choose(input, weight, spec).name == expected, mode
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend"), [(torch.float64, "torch"), (torch.float32, "onednn")], ids=["float64-torch", "float32-onednn"]
+)
+def test_shifted_gemm_grad_weight_reuses_the_forwards_rows(dtype, backend, monkeypatch, restore_limits):
+    """Under autograd shifted_gemm's forward keeps its padded input rows and grad_weight takes them (the input padded
+    once per forward+backward, twice past `kept_for_backward_bytes`), every gradient against the oracle, with groups."""
+    force_gemm(monkeypatch, backend)
+    monkeypatch.setattr(kernels.gemm, "MIN_MACS", 0)  # these small products through oneDNN too, where forced
+    calls = []
+    real = shifted_gemm.padded_rows
+    monkeypatch.setattr(shifted_gemm, "padded_rows", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    for case in (
+        Case("shifted_kept", in_channels=6, out_channels=4, padding=(1, 2), batch=2, size=(7, 9)),
+        Case("shifted_kept_groups", in_channels=6, out_channels=4, groups=2, padding=1, batch=2, size=(6, 5)),
+    ):
+        calls.clear()
+        kernels.set_limits(kept_for_backward_bytes=64 << 20)
+        assert_matches_oracle(case, "shifted_gemm", dtype, seed=79)
+        assert len(calls) == 1, case.id
+        kernels.set_limits(kept_for_backward_bytes=1)
+        assert_matches_oracle(case, "shifted_gemm", dtype, seed=83)
+        assert len(calls) == 3, case.id
 
 
 REFUSALS = [(case, name) for case in CASES for name in ALGORITHMS if refusal(case, name)]

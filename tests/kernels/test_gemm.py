@@ -59,6 +59,10 @@ def test_products_match_torch(backend):
     out = torch.empty(4, 11, 20)[:, :, :13]
     gemm.bmm(shared, batch_b, out=out)
     torch.testing.assert_close(out, torch.bmm(shared, batch_b), atol=ATOL, rtol=RTOL)
+    terms = [(torch.randn(37, k, generator=generator), torch.randn(23, k, generator=generator).t()) for k in (19, 5, 19)]
+    expected = bias + sum(x @ y for x, y in terms)
+    torch.testing.assert_close(gemm.sum_of_products(terms, bias=bias), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(gemm.sum_of_products(terms[:1]), terms[0][0] @ terms[0][1], atol=ATOL, rtol=RTOL)
     pieces = gemm.products(batch_a, batch_b)
     assert len(pieces) == 4 and all(piece.is_contiguous() for piece in pieces)
     torch.testing.assert_close(torch.stack(pieces), torch.bmm(batch_a, batch_b), atol=ATOL, rtol=RTOL)
@@ -93,6 +97,8 @@ CASES = [
     ("im2col", (2, 40, 9, 7), (36, 40, 5, 3), 1, 0, 1, True),
     ("unfold", (2, 6, 7, 5), (4, 6, 3, 3), 1, 1, 1, False),
     ("unfold", (2, 6, 9, 9), (4, 6, 3, 3), 2, 0, 1, True),
+    ("shifted_gemm", (2, 8, 10, 9), (6, 8, 3, 3), 1, 1, 1, False),
+    ("shifted_gemm", (2, 8, 10, 9), (6, 4, 3, 2), 1, (2, 0), 2, True),
     ("pointwise", (2, 8, 7, 9), (5, 8, 1, 1), 1, 0, 1, False),
     ("pointwise", (2, 8, 7, 9), (6, 4, 1, 1), 2, 0, 2, True),
 ]

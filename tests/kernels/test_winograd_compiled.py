@@ -72,18 +72,18 @@ def test_grad_input_compiles_only_within_its_padding(compile_sync):
         assert winograd_compiled.forward(input, weight, bias, spec.padding) is not None
 
 
-@pytest.mark.parametrize(("backend", "eager_choice"), [("torch", "shifted_gemm"), ("onednn", "winograd")])
-def test_auto_prefers_winograd_over_shifted_gemm_where_it_compiles(backend, eager_choice, restore_threads, monkeypatch):
-    """64 channels at 56x56 from 2 threads: with torch's GEMMs shifted_gemm eagerly, winograd where its transforms
-    compile; with oneDNN's (kernels/gemm.py) shifted_gemm is never taken, and eager winograd ties im2col here."""
+@pytest.mark.parametrize(("backend", "choices"), [("torch", ("shifted_gemm", "winograd")), ("onednn", ("shifted_gemm", "shifted_gemm"))])
+def test_auto_between_winograd_and_shifted_gemm(backend, choices, restore_threads, monkeypatch):
+    """64 channels at 56x56, batch 4, from 2 threads (eager, then where Winograd's transforms compile): with torch's
+    GEMMs shifted_gemm eagerly and winograd where it compiles; with oneDNN's (kernels/gemm.py) shifted_gemm either
+    way, its tap GEMMs summed in oneDNN's epilogue beating even compiled Winograd there (kernels/selection.py)."""
     force_gemm(monkeypatch, backend)
     torch.set_num_threads(2)
     input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
-    with compiled.mode("off"):
-        assert choose(input, weight, spec).name == eager_choice
-    with compiled.mode("background"):
-        assert choose(input, weight, spec).name == "winograd"
+    for mode, expected in zip(("off", "background"), choices):
+        with compiled.mode(mode):
+            assert choose(input, weight, spec).name == expected, mode
 
 
 def test_compiled_grad_weight_comes_in_the_weights_layout(compile_sync):
