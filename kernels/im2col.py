@@ -174,9 +174,12 @@ def _phase_plane(split: torch.Tensor, spec: ConvSpec, p: int, q: int) -> torch.T
 def _phase_columns(
     split: torch.Tensor, spec: ConvSpec, weight_shape: torch.Size, out_hw: tuple[int, int], ones: bool, own: bool = False
 ) -> Iterator:
-    """(images, output rows, columns (N_b, C_in*kH*kW [+ 1], R*W_out)) blocks in F.unfold's (c, i, j) row order,
+    """(images, output rows, columns (C_in*kH*kW [+ 1], N_b, R*W_out)) blocks in F.unfold's (c, i, j) row order,
     gathered from `_phase_split`'s stride phases; with `ones` a last row of ones (a bias in the GEMM).
 
+    Image-minor (each row holds the block's images one after another), so that one GEMM takes the whole block:
+    per image, oneDNN's products would each be copied into the output (it has no out=), and at batch 4 those copies
+    and the GEMM's shorter rows cost the stem 13-18% of its forward.
     Taps i = p + s_h*a, j = q + s_w*b read phase (p, q) at (y + a, x + b), so each phase's taps copy as whole output
     rows. The columns live in a reused scratch buffer (`own`: each block in a tensor of its own): consume each block
     before taking the next.
@@ -187,11 +190,11 @@ def _phase_columns(
     row_bytes = out_width * (taps + ones) * split.element_size()
     for images, rows in _row_blocks(split.shape[0], out_height, row_bytes):
         count, block_rows = images.stop - images.start, rows.stop - rows.start
-        shape = (count, taps + ones, block_rows * out_width)
+        shape = (taps + ones, count, block_rows * out_width)
         matrix = split.new_empty(shape) if own else scratch("im2col_columns", math.prod(shape), split).view(shape)
         if ones:
-            matrix[:, taps].fill_(1)
-        columns = matrix[:, :taps].view(count, in_channels, kernel_h, kernel_w, block_rows, out_width)
+            matrix[taps].fill_(1)
+        columns = matrix[:taps].view(in_channels, kernel_h, kernel_w, count, block_rows, out_width).permute(3, 0, 1, 2, 4, 5)
         for p in range(min(stride_h, kernel_h)):
             for q in range(min(stride_w, kernel_w)):
                 phase = _phase_plane(split, spec, p, q)[images]
@@ -374,37 +377,39 @@ class Im2col(ConvAlgorithm):
         With C_in = 3 (the 7x7 stem) a channels-last patch row is made of kW*C = 21-float runs and
         the NCHW -> NHWC padded copy is a transpose; here each copied run is a whole output row
         (`_phase_split` makes the stride-2 reads contiguous), and weight.view(C_out, -1) is already
-        the matching (c, i, j) matrix. Output (C_out, H_out*W_out) per image, NCHW directly. -> (output, the columns
-        (N, C_in*kH*kW, L) for `_phase_grad_weight` where `keep` and they are one block within the keep limit, or None).
+        the matching (c, i, j) matrix. One GEMM per block, (C_out, N_b*L_b), its images put in place by one copy. ->
+        (output, the columns (C_in*kH*kW, N, L) for `_phase_grad_weight` where `keep` and they are one block within the
+        keep limit, or None).
         """
         out_channels = weight.shape[0]
         out_height, out_width = out_hw
         split = _phase_split(input, spec)
         batch = split.shape[0]
-        output = input.new_empty(batch, out_channels, out_height * out_width)
         weight_rows = weight.reshape(out_channels, -1)  # (C_out, C_in*kH*kW): the column order
         taps = weight_rows.shape[1]
         if bias is not None:  # the bias rides in the GEMM as one more column row of ones: no pass over the output
             weight_rows = torch.cat([weight_rows, bias.view(-1, 1)], dim=1)
         row_bytes = out_width * weight_rows.shape[1] * input.element_size()
-        keep = (
-            keep
-            and _block_count(batch, out_height, row_bytes) == 1
-            and keepable(batch * weight_rows.shape[1] * out_height * out_width, input)
-        )
+        one_block = _block_count(batch, out_height, row_bytes) == 1
+        keep = keep and one_block and keepable(batch * weight_rows.shape[1] * out_height * out_width, input)
+        output = None if one_block else input.new_empty(batch, out_channels, out_height * out_width)
         kept = None
         for images, rows, matrix in _phase_columns(split, spec, weight.shape, out_hw, ones=bias is not None, own=keep):
-            block = output[images, :, rows.start * out_width : rows.stop * out_width]
-            gemm.bmm(weight_rows.expand(matrix.shape[0], -1, -1), matrix, out=block)
-            kept = matrix[:, :taps] if keep else None
+            product = gemm.mm(weight_rows, matrix.view(matrix.shape[0], -1)).view(out_channels, matrix.shape[1], -1)  # (C_out, N_b, L_b)
+            if one_block:  # (N, C_out, L) as a view: the caller's copy into the output's layout is the only one
+                output = product.transpose(0, 1)
+            else:
+                output[images, :, rows.start * out_width : rows.stop * out_width] = product.transpose(0, 1)
+            kept = matrix[:taps] if keep else None
         return output.view(batch, out_channels, out_height, out_width), kept
 
     @staticmethod
     def _phase_grad_weight(grad_output, input, weight, spec, columns=None):
-        """grad_weight of `_phase_forward`'s problems: per image sum grad_output (C_out, L) @ columns (L, C_in*kH*kW).
+        """grad_weight of `_phase_forward`'s problems: per block grad_output (C_out, N_b*L_b) @ columns (N_b*L_b, C_in*kH*kW).
 
-        Both operands are row-major as they are (NCHW grad, the forward's (c, i, j) columns), where the channels-last
-        path transposed the grad and gathered 21-float patch runs (the stem: 1.9 ms against oneDNN's 0.67).
+        The columns are the forward's (c, i, j) ones as they are, row-major for oneDNN, and the NCHW grad is copied
+        image-minor to match (contiguous rows of L); the channels-last path transposed the grad and gathered 21-float
+        patch runs (the stem: 1.9 ms against oneDNN's 0.67).
         """
         out_channels = weight.shape[0]
         out_hw = grad_output.shape[2:]
@@ -415,8 +420,8 @@ class Im2col(ConvAlgorithm):
             blocks = _phase_columns(_phase_split(input, spec), spec, weight.shape, out_hw, ones=False)
         total = None
         for images, rows, matrix in blocks:
-            block = grad[images, :, rows.start * out_hw[1] : rows.stop * out_hw[1]]
-            product = gemm.bmm(block, matrix.transpose(1, 2)).sum(0)  # (C_out, C_in*kH*kW)
+            block = grad[images, :, rows.start * out_hw[1] : rows.stop * out_hw[1]].transpose(0, 1)  # (C_out, N_b, L_b)
+            product = gemm.mm(block.reshape(out_channels, -1), matrix.reshape(matrix.shape[0], -1).t())  # (C_out, C_in*kH*kW)
             total = product if total is None else total.add_(product)
         return torch.zeros_like(weight) if total is None else total.view(weight.shape)
 
