@@ -11,8 +11,9 @@ one pass. For an NCHW input, channel-major throughout:
                  (compiled, from the grad's column phases), dU^T = dM V^T (16 GEMMs), dW = G^T dU G (compiled)
 
 For a channels-last input, forward and grad_input run channels-last (an NHWC tile grid, tiles
-(16, P, C), products (P, K), output NHWC), with no transposing copy either way; grad_weight takes the forward's
-(16, P, C) tiles, or reads the input through its column phases as above.
+(16, P, C), products (P, K), output NHWC), with no transposing copy either way; so do NCHW images under
+24x24, through a transposing copy each way. grad_weight takes the forward's (16, P, C) tiles, or reads the
+input through its column phases as above.
 
 The GEMMs go through kernels/gemm.py (oneDNN's or torch's, whichever is faster on this CPU), so the
 transforms after them take the 16 products as separate tensors: stacking them would copy them all.
@@ -53,7 +54,8 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     None also where the tile buffers (16 values per 4 inputs or outputs, unchunked) would pass the workspace limit.
     NCHW runs channel-major: column phases, V (16, C, P), products U[xi] (K, C) @ V[xi]. Channels-last runs channels-last:
     an NHWC tile grid (a padded copy, no transpose), V (16, P, C), products V[xi] (P, C) @ U[xi] (C, K), output written
-    NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save (round 19).
+    NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save from 24x24
+    (`winograd.NCHW_MIN_SIZE`, round 19), so smaller NCHW images run channels-last too.
     """
     result = _forward(input, weight, bias, pads)
     return None if result is None else result[0]
@@ -75,9 +77,12 @@ def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor, tor
     """(output, V as a (16, P, C) view, the NCHW input's column phases or None for channels-last) or None: `forward`.
 
     The phases are a scratch buffer (kernels/workspace.py): valid until the next Winograd call takes it."""
-    from kernels.winograd import _column_phases, _tile_input, _transformed_weight
+    from kernels.winograd import NCHW_MIN_SIZE, _column_phases, _tile_input, _transformed_weight
 
-    nhwc = strictly_channels_last(input)
+    # Small NCHW images too run channels-last, through a transposing copy each way: with few tiles per image the
+    # products dominate, and oneDNN runs them faster with the tiles as their row-major left operand (round 21: 256x14
+    # at batch 4, forward 1.24-1.44x -> 1.12-1.24x, forward+backward 1.19-1.34x -> 1.07-1.19x; at 28x28 a tie).
+    nhwc = strictly_channels_last(input) or min(input.shape[2:]) < NCHW_MIN_SIZE
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]
     out_height, out_width = input.shape[2] + pads[0] + pads[1] - 2, input.shape[3] + pads[2] + pads[3] - 2

@@ -24,15 +24,17 @@ from tests.kernels.cases import (
     torch_conv,
 )
 
+# NCHW images from winograd.NCHW_MIN_SIZE (24) run channel-major; smaller ones, and channels-last input, run channels-last
+# (NHWC grid, (P, C) tiles, NHWC output). A compile costs seconds whatever the size, the arithmetic here nothing.
 CASES = [
-    Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 8)),
-    Case("odd_output_cropped", in_channels=2, out_channels=3, padding=1, batch=1, size=(7, 5), bias=False),
-    Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(6, 9)),
+    Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(24, 26)),
+    Case("odd_output_cropped", in_channels=2, out_channels=3, padding=1, batch=1, size=(25, 27), bias=False),
+    Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(24, 27)),
     # padding 3 > 2: grad_input's padding (2 - 3) would be negative, so it stays eager; forward compiles
-    Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(5, 6)),
-    # channels-last input: forward and grad_input run channels-last (NHWC grid, (P, C) tiles, NHWC output)
+    Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(24, 25)),
     Case("channels_last", in_channels=3, out_channels=5, padding=1, batch=2, size=(8, 6), layout="channels_last"),
     Case("channels_last_cropped", in_channels=4, out_channels=3, padding=(0, 2), batch=1, size=(9, 5), layout="channels_last"),
+    Case("small_nchw", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 9)),
 ]
 
 
@@ -54,7 +56,7 @@ def _compiled_forward(case: Case, seed: int):
 
 @pytest.mark.parametrize(
     ("case", "dtype"),
-    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32), (CASES[4], torch.float32)],
+    [*((case, torch.float64) for case in CASES), (CASES[0], torch.float32), (CASES[4], torch.float32), (CASES[6], torch.float32)],
     ids=lambda value: getattr(value, "id", str(value)),
 )
 def test_compiled_transforms_match_the_oracle(case, dtype, compile_sync):
@@ -112,6 +114,24 @@ def test_channels_last_forward_runs_channels_last(compile_sync):
     torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("case", "channels_last"), [(CASES[0], False), (CASES[6], True), (CASES[4], True)], ids=lambda v: getattr(v, "id", str(v))
+)
+def test_small_nchw_images_run_channels_last(case, channels_last, compile_sync, monkeypatch):
+    """The compiled forward's input transform: channel-major for NCHW images from 24x24, channels-last below (where
+    oneDNN's faster products with (P, C) tiles pay for the transposing copies) and for channels-last input."""
+    stages = []
+    real = compiled.run
+    monkeypatch.setattr(compiled, "run", lambda function, *args: stages.append(function) or real(function, *args))
+    input, weight, bias = make_inputs(case, torch.float64, "cpu", seed=29)
+    with torch.no_grad():
+        output = winograd_compiled.forward(input, weight, bias, (1, 1, 1, 1))
+    assert output is not None
+    expected = winograd_compiled._input_tiles_nhwc if channels_last else winograd_compiled._input_tiles
+    assert stages[0] is expected, stages
+    assert_parity("output", output, torch_conv(case, input, weight, bias), torch.float64)
+
+
 def _grad_weight_spy(monkeypatch) -> list:
     """Records, per compiled grad_weight call, whether it was handed the forward's tiles."""
     calls = []
@@ -125,7 +145,7 @@ def _grad_weight_spy(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[5]], ids=lambda case: case.id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[5], CASES[6]], ids=lambda case: case.id)
 def test_grad_weight_reuses_the_forwards_tiles(case, compile_sync, monkeypatch):
     """Under autograd the compiled forward keeps its input tiles V and grad_weight takes them instead of rebuilding
     them (NCHW (16, C, P) and channels-last (16, P, C) alike); every gradient still matches the float64 oracle."""
@@ -181,7 +201,7 @@ def test_a_nonfinite_grad_after_a_finite_forward_runs_exact(compile_sync):
 
 @pytest.mark.parametrize(
     "case",
-    [CASES[0], Case("pad1_odd", in_channels=2, out_channels=3, padding=1, batch=2, size=(7, 9)), CASES[2]],
+    [CASES[0], Case("pad1_odd", in_channels=2, out_channels=3, padding=1, batch=2, size=(25, 27)), CASES[2]],
     ids=lambda case: case.id,
 )
 def test_grad_weight_reads_grad_inputs_phases_at_padding_one(case, compile_sync, monkeypatch):
