@@ -12,7 +12,7 @@ one pass. For an NCHW input, channel-major throughout:
 
 For a channels-last input, forward and grad_input run channels-last (an NHWC tile grid, tiles
 (16, P, C), products (P, K), output NHWC), with no transposing copy either way; so do NCHW images under
-24x24, through a transposing copy each way. grad_weight takes the forward's (16, P, C) tiles, or reads the
+32x32 (`NCHW_MIN_SIZE`), through a transposing copy each way. grad_weight takes the forward's (16, P, C) tiles, or reads the
 input through its column phases as above.
 
 The GEMMs go through kernels/gemm.py (oneDNN's or torch's, whichever is faster on this CPU), so the
@@ -35,6 +35,15 @@ from kernels.layout import strictly_channels_last
 from kernels.limits import get_limits, keepable
 from kernels.params import ConvSpec
 
+# NCHW images smaller than this run channels-last too, through a transposing copy each way: with few tiles per image
+# the products dominate, and oneDNN runs them faster with the tiles as their row-major left operand. Same process,
+# alternated, ours / nn.Conv2d at batch 4, forward (forward+backward), channel-major against channels-last (round 21):
+# 256x14 1.30-1.44 (1.19-1.34) against 1.12-1.24 (1.07-1.19); 28x28 with 96, 128, 192, 256 channels 1.41, 1.22, 1.02,
+# 0.90 (1.35, 1.15, 0.94, 0.82) against 1.24, 1.12, 1.00, 0.87 (1.31, 1.16, 0.94, 0.82); but 56x56 with 96 and 128
+# channels 1.28, 1.09 (1.13, 0.97) against 1.22, 1.11 (1.14, 0.99), and at batch 2 1.10 (1.00) against 1.16 (1.09).
+# (The eager path's cut, winograd.NCHW_MIN_SIZE, is its own: its channel-major path has no compiled transforms.)
+NCHW_MIN_SIZE = 32
+
 
 def eligible(tensor: torch.Tensor, channels_last: bool = False) -> bool:
     """`compiled.takes` the input (or grad_output), NCHW or (where the caller says) channels-last: 3x3 stride 1 is
@@ -54,8 +63,8 @@ def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     None also where the tile buffers (16 values per 4 inputs or outputs, unchunked) would pass the workspace limit.
     NCHW runs channel-major: column phases, V (16, C, P), products U[xi] (K, C) @ V[xi]. Channels-last runs channels-last:
     an NHWC tile grid (a padded copy, no transpose), V (16, P, C), products V[xi] (P, C) @ U[xi] (C, K), output written
-    NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save from 24x24
-    (`winograd.NCHW_MIN_SIZE`, round 19), so smaller NCHW images run channels-last too.
+    NHWC; from an NCHW input that layout's two transposing copies cost what its faster products save from 32x32
+    (`NCHW_MIN_SIZE`; round 19 measured them at 56x56), so smaller NCHW images run channels-last too.
     """
     result = _forward(input, weight, bias, pads)
     return None if result is None else result[0]
@@ -77,11 +86,8 @@ def _forward(input, weight, bias, pads) -> tuple[torch.Tensor, torch.Tensor, tor
     """(output, V as a (16, P, C) view, the NCHW input's column phases or None for channels-last) or None: `forward`.
 
     The phases are a scratch buffer (kernels/workspace.py): valid until the next Winograd call takes it."""
-    from kernels.winograd import NCHW_MIN_SIZE, _column_phases, _tile_input, _transformed_weight
+    from kernels.winograd import _column_phases, _tile_input, _transformed_weight
 
-    # Small NCHW images too run channels-last, through a transposing copy each way: with few tiles per image the
-    # products dominate, and oneDNN runs them faster with the tiles as their row-major left operand (round 21: 256x14
-    # at batch 4, forward 1.24-1.44x -> 1.12-1.24x, forward+backward 1.19-1.34x -> 1.07-1.19x; at 28x28 a tie).
     nhwc = strictly_channels_last(input) or min(input.shape[2:]) < NCHW_MIN_SIZE
     batch, channels = input.shape[:2]
     out_channels = weight.shape[0]

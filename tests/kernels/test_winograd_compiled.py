@@ -24,14 +24,14 @@ from tests.kernels.cases import (
     torch_conv,
 )
 
-# NCHW images from winograd.NCHW_MIN_SIZE (24) run channel-major; smaller ones, and channels-last input, run channels-last
+# NCHW images from winograd_compiled.NCHW_MIN_SIZE (32) run channel-major; smaller ones, and channels-last input, run channels-last
 # (NHWC grid, (P, C) tiles, NHWC output). A compile costs seconds whatever the size, the arithmetic here nothing.
 CASES = [
-    Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(24, 26)),
-    Case("odd_output_cropped", in_channels=2, out_channels=3, padding=1, batch=1, size=(25, 27), bias=False),
-    Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(24, 27)),
+    Case("pad1_even", in_channels=3, out_channels=4, padding=1, batch=2, size=(32, 34)),
+    Case("odd_output_cropped", in_channels=2, out_channels=3, padding=1, batch=1, size=(33, 35), bias=False),
+    Case("valid_asymmetric", in_channels=3, out_channels=2, padding=(2, 0), size=(32, 35)),
     # padding 3 > 2: grad_input's padding (2 - 3) would be negative, so it stays eager; forward compiles
-    Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(24, 25)),
+    Case("padding_past_two", in_channels=2, out_channels=2, padding=(3, 1), batch=1, size=(32, 33)),
     Case("channels_last", in_channels=3, out_channels=5, padding=1, batch=2, size=(8, 6), layout="channels_last"),
     Case("channels_last_cropped", in_channels=4, out_channels=3, padding=(0, 2), batch=1, size=(9, 5), layout="channels_last"),
     Case("small_nchw", in_channels=3, out_channels=4, padding=1, batch=2, size=(6, 9)),
@@ -118,7 +118,7 @@ def test_channels_last_forward_runs_channels_last(compile_sync):
     ("case", "channels_last"), [(CASES[0], False), (CASES[6], True), (CASES[4], True)], ids=lambda v: getattr(v, "id", str(v))
 )
 def test_small_nchw_images_run_channels_last(case, channels_last, compile_sync, monkeypatch):
-    """The compiled forward's input transform: channel-major for NCHW images from 24x24, channels-last below (where
+    """The compiled forward's input transform: channel-major for NCHW images from 32x32, channels-last below (where
     oneDNN's faster products with (P, C) tiles pay for the transposing copies) and for channels-last input."""
     stages = []
     real = compiled.run
@@ -201,7 +201,7 @@ def test_a_nonfinite_grad_after_a_finite_forward_runs_exact(compile_sync):
 
 @pytest.mark.parametrize(
     "case",
-    [CASES[0], Case("pad1_odd", in_channels=2, out_channels=3, padding=1, batch=2, size=(25, 27)), CASES[2]],
+    [CASES[0], Case("pad1_odd", in_channels=2, out_channels=3, padding=1, batch=2, size=(33, 35)), CASES[2]],
     ids=lambda case: case.id,
 )
 def test_grad_weight_reads_grad_inputs_phases_at_padding_one(case, compile_sync, monkeypatch):
