@@ -105,11 +105,13 @@ WINOGRAD_WIDE_MIN_OUTPUT = 14
 #   and 512 channels: 1.57/1.72 and 1.12/1.50 vs im2col 1.89/2.40 and 1.86/2.36; 512x7: 0.87/1.68), splits
 #   with im2col at 64-128 channels (128: 1.86/1.88 vs 1.67/1.96), and loses from 256 positions (64x16 at
 #   batch 1: 1.24/1.72 vs 0.87/1.51; 392 positions, 14x14 at batch 2: 2.17/1.95-2.21 vs 1.45-1.64/1.77-1.80).
-# - winograd's 16 per-position GEMMs are 16 oneDNN calls: it loses at 6.4M multiply-adds each (64x56 and
-#   128x28 at batch 2: 2.11/2.18 and 1.74/1.88 vs im2col 1.44/2.23 and 1.34/1.64) and wins at 12.8M
-#   (batch 4: 1.72/1.73, 1.11/1.24, 1.17/1.44 vs im2col 2.23/2.35, 1.45/1.77, 1.52/1.70).
+# - winograd's 16 per-position GEMMs are 16 oneDNN calls: it lost at 6.4M multiply-adds each (64x56 and
+#   128x28 at batch 2: 2.11/2.18 and 1.74/1.88 vs im2col 1.44/2.23 and 1.34/1.64) and won at 12.8M
+#   (batch 4: 1.72/1.73, 1.11/1.24, 1.17/1.44 vs im2col 2.23/2.35, 1.45/1.77, 1.52/1.70). Since round 21 images under
+#   32x32 run its compiled code channels-last (kernels/winograd_compiled.py), and 6.4M wins: 128x28 at batch 2
+#   1.19-1.21/1.30 vs im2col 1.25-1.27/1.35-1.38, 256x14 at batch 2 1.17-1.22/1.28 vs 1.18/1.31 (two runs each).
 ONEDNN_UNFOLD_MAX_POSITIONS = 196
-ONEDNN_WINOGRAD_MIN_GEMM_MACS = 8 << 20
+ONEDNN_WINOGRAD_MIN_GEMM_MACS = 6 << 20
 # shifted_gemm through oneDNN (round 21, 2 threads, 3x3 stride 1, C_in = C_out, ours/nn.Conv2d fwd / fwd+bwd, one
 # process per row, noisy host): at 56x56 (waste 1.07) with 64 channels it beats winograd and im2col from batch 2
 # (batch 4: 1.61/1.53 vs winograd 2.04/1.73, im2col 1.81/2.17; batch 2: 1.63/1.55 vs im2col 1.56/1.99) and 32

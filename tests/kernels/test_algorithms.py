@@ -165,7 +165,7 @@ def gemm_backend(request, monkeypatch) -> str:
         ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("unfold", "unfold")),  # 196 positions (UNFOLD_MAX_POSITIONS, ONEDNN_...)
         ((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, ("unfold", "unfold")),  # 196 positions over 4 images
         ((1, 64, 16, 16), (64, 64, 3, 3), 1, 1, ("unfold", "im2col")),  # 256 positions: within 256, over 196
-        ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("winograd", "im2col")),  # 392 positions; 6.4M MACs per Winograd GEMM
+        ((2, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("winograd", "winograd")),  # 392 positions; 6.4M MACs per Winograd GEMM
         ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, ("winograd", "winograd")),  # 12.8M MACs per Winograd GEMM
         ((1, 128, 28, 28), (128, 128, 3, 3), 1, 2, ("im2col", "im2col")),  # 196 positions: too many for stride 2
         ((1, 256, 14, 14), (256, 256, 3, 3), 1, 2, ("unfold", "unfold")),  # 49 positions, stride 2 (UNFOLD_MAX_STRIDED_POSITIONS)
@@ -184,7 +184,7 @@ def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape,
     ("channels", "batch", "threads", "expected"),
     [
         (128, 1, 2, ("shifted_gemm", "im2col")),
-        (128, 2, 2, ("winograd", "im2col")),
+        (128, 2, 2, ("winograd", "winograd")),
         (128, 4, 2, ("winograd", "winograd")),
         (128, 1, 1, ("winograd", "im2col")),
         (64, 1, 1, ("shifted_gemm", "im2col")),
@@ -194,7 +194,7 @@ def test_auto_picks_unfold_only_for_small_problems_or_few_positions(input_shape,
 def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads, expected, restore_threads, gemm_backend):
     """3x3 on 28x28: 196 tiles per image x C x C MACs per position GEMM (128 channels at batch 1: 3.2M),
     against WINOGRAD_MIN_THREADED_GEMM_MACS (4M) from 2 threads and WINOGRAD_MIN_GEMM_MACS (2M) at 1 with
-    torch's GEMMs, ONEDNN_WINOGRAD_MIN_GEMM_MACS (8M) with oneDNN's; refused, the layer goes to shifted_gemm
+    torch's GEMMs, ONEDNN_WINOGRAD_MIN_GEMM_MACS (6M) with oneDNN's; refused, the layer goes to shifted_gemm
     with torch's GEMMs (28x28 is within MAX_SHIFTED_WASTE) and to im2col with oneDNN's (shifted_gemm is skipped)."""
     input, weight = torch.empty(batch, channels, 28, 28), torch.empty(channels, channels, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
