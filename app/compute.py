@@ -49,8 +49,9 @@ def _stand_in(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor
     return torch.empty(1, dtype=tensor.dtype, device=device).expand(tensor.shape)
 
 
-def _chosen_algorithm(problem: Problem, device: torch.device) -> str:
-    """The algorithm "auto" resolves to, so the response can name it (kernels.conv2d does not say).
+def _chosen_algorithm(problem: Problem, device: torch.device, backward: bool) -> str:
+    """The algorithm "auto" resolves to, so the response can name it (kernels.conv2d does not say); backward: for
+    /backward, where "auto" weighs forward+backward (for /forward, the forward alone).
 
     Cached per shape and options: resolving means validating the call again on stand-in tensors,
     ~45 us that a tiny request would otherwise pay twice (here and inside kernels.conv2d)."""
@@ -63,23 +64,24 @@ def _chosen_algorithm(problem: Problem, device: torch.device) -> str:
         device,
         *(tuple(value) if isinstance(value, list) else value for value in _conv_args(problem)),
         options.algorithm,
+        backward,
     )
     name = _CHOSEN.get(key)
     if name is None:
-        name = _CHOSEN.remember(key, _resolve(problem, device))
+        name = _CHOSEN.remember(key, _resolve(problem, device, backward))
     return name
 
 
 _CHOSEN = BoundedMemo(1024)
 
 
-def _resolve(problem: Problem, device: torch.device) -> str:
+def _resolve(problem: Problem, device: torch.device, backward: bool) -> str:
     options = problem.options
     input, weight, bias = (_stand_in(t, device) for t in (problem.input, problem.weight, problem.bias))
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     spec = normalize(batched, weight, bias, options.stride, options.padding, options.dilation, options.groups, options.padding_mode)
     try:
-        return resolve(options.algorithm, batched, weight, spec).name
+        return resolve(options.algorithm, batched, weight, spec, backward).name
     except WorkTooLarge as error:
         raise TooLarge(str(error)) from None
     except UnsupportedProblem as error:
@@ -199,13 +201,14 @@ def _run(
     pass_: Callable[[Conv, Problem, torch.device, torch.dtype], object],
     select: Callable,
     deadline: float | None,
+    backward: bool,
 ) -> Outcome:
     """Ours, then (parity) the reference on the same device and dtype, then (exact) float64 on the CPU.
     `deadline` (time.monotonic) is checked before each of the last two."""
     options = problem.options
     cpu = torch.device("cpu")
     with parity.tf32(options.allow_tf32, device), _intra_op_threads(problem, device):
-        algorithm = _chosen_algorithm(problem, device)
+        algorithm = _chosen_algorithm(problem, device, backward)
         ours_raw, compute_ms = _timed(device, lambda: pass_(_ours(algorithm), problem, device, problem.dtype))
         ours = select(ours_raw)
         report, reference_ms = None, 0.0
@@ -222,12 +225,12 @@ def _run(
 
 
 def run_forward(problem: Problem, device: torch.device, deadline: float | None = None) -> Outcome:
-    return _run(problem, device, _forward_pass, lambda output: {"output": output}, deadline)
+    return _run(problem, device, _forward_pass, lambda output: {"output": output}, deadline, backward=False)
 
 
 def run_backward(problem: Problem, device: torch.device, deadline: float | None = None) -> Outcome:
     keep = ("grad_input", "grad_weight", "grad_bias", *(("output",) if problem.options.return_output else ()))
-    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep}, deadline)
+    return _run(problem, device, _backward_pass, lambda grads: {name: grads[name] for name in keep}, deadline, backward=True)
 
 
 def warm_up(device: torch.device) -> None:

@@ -317,8 +317,11 @@ def _apply_padding_mode(input: torch.Tensor, spec: ConvSpec, padding_mode: str) 
 _PLANS = BoundedMemo(1024)
 
 
-def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm):
+def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, backward=True):
+    """(spec, algorithm, output memory format); backward: whether autograd records this call ("auto" weighs forward+backward
+    then, the forward alone otherwise: kernels/selection.py)."""
     key = (
+        backward,
         *call_key(batched, weight, bias, stride, padding, dilation, groups, padding_mode),
         batched.stride(),
         weight.stride(),
@@ -332,7 +335,7 @@ def _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode
     plan = _PLANS.get(key)
     if plan is None:
         spec = normalize(batched, weight, bias, stride, padding, dilation, groups, padding_mode)
-        chosen = resolve(algorithm, batched, weight, spec)
+        chosen = resolve(algorithm, batched, weight, spec, backward)
         plan = _PLANS.remember(key, (spec, chosen, _output_format(batched, weight, padding_mode)))
     return plan
 
@@ -388,9 +391,10 @@ def conv2d(
             batched, weight, bias, list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, padding_mode, algorithm
         )
         return output.squeeze(0) if unbatched else output
-    spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm)
+    differentiable = _differentiable(input, weight, bias)
+    spec, chosen, memory_format = _plan(batched, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, differentiable)
     arguments = (batched, weight, bias, spec, padding_mode, chosen, memory_format)
-    if _differentiable(input, weight, bias):
+    if differentiable:
         output = _apply(*arguments)
     else:  # nothing to differentiate or transform: skip the autograd node (~30 us, most of a tiny conv's time)
         with torch.no_grad():  # as inside the Function: compiled paths (kernels/compiled.py) refuse grad mode

@@ -111,6 +111,13 @@ WINOGRAD_WIDE_MIN_OUTPUT = 14
 #   32x32 run its compiled code channels-last (kernels/winograd_compiled.py), and 6.4M wins: 128x28 at batch 2
 #   1.19-1.21/1.30 vs im2col 1.25-1.27/1.35-1.38, 256x14 at batch 2 1.17-1.22/1.28 vs 1.18/1.31 (two runs each).
 ONEDNN_UNFOLD_MAX_POSITIONS = 196
+# - where no backward follows (inference: `choose(..., backward=False)`), unfold only up to 128 positions: its
+#   gain is in the backward (F.fold), and its forward (F.unfold's NCHW patches) loses to im2col's from there
+#   (round 21, forward, ours/nn.Conv2d, unfold vs im2col: 196 positions 256x14 batch 1 2.00 vs 1.44, 512x14 1.40 vs
+#   1.30, 128x14 2.39 vs 1.80, 512x7 batch 4 1.69 vs 1.33; 144 positions 64x12 1.52 vs 1.48; 98-100 positions
+#   256x7 batch 2 1.41 vs 1.34, 128x10 0.98 vs 1.01, 32x10 2.08 vs 2.77; 64 positions 256x8 0.65 vs 0.94, 512x8
+#   0.73 vs 1.25; 49, 512x7 0.87 vs 1.31).
+ONEDNN_UNFOLD_INFERENCE_MAX_POSITIONS = 128
 ONEDNN_WINOGRAD_MIN_GEMM_MACS = 6 << 20
 # shifted_gemm through oneDNN (round 21, 2 threads, 3x3 stride 1, C_in = C_out, ours/nn.Conv2d fwd / fwd+bwd, one
 # process per row, noisy host): at 56x56 (waste 1.07) with 64 channels it beats winograd and im2col from batch 2
@@ -128,8 +135,9 @@ ONEDNN_SHIFTED_MAX_CHANNELS = 64
 ONEDNN_SHIFTED_MAX_WASTE = 1.1
 
 
-def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
-    """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto"."""
+def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, backward: bool = True) -> bool:
+    """Speed heuristics on top of `check` (which is about correctness): False skips an algorithm in "auto".
+    backward: whether a backward pass will follow (autograd records), so forward+backward is what counts."""
     onednn = input.device.type == "cpu" and gemm.routes_to_onednn(torch.float32 if input.dtype in HALF else input.dtype)
     if name == "unfold":
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
@@ -138,13 +146,13 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         plain = spec.groups == 1 and spec.dilation == (1, 1) and weight.shape[2] * weight.shape[3] > 1
         limit = UNFOLD_MAX_POSITIONS if spec.stride == (1, 1) else UNFOLD_MAX_STRIDED_POSITIONS
         if onednn:
-            limit = min(limit, ONEDNN_UNFOLD_MAX_POSITIONS)
+            limit = min(limit, ONEDNN_UNFOLD_MAX_POSITIONS if backward else ONEDNN_UNFOLD_INFERENCE_MAX_POSITIONS)
         return plain and input.shape[0] * out_height * out_width <= limit
     if name == "winograd":
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
         compiles = input.device.type == "cpu" and compiled.available()  # kernels/winograd_compiled.py
-        if few_channels and (onednn or (threaded and not compiles)) and _worth_running("shifted_gemm", input, weight, spec):
+        if few_channels and (onednn or (threaded and not compiles)) and _worth_running("shifted_gemm", input, weight, spec, backward):
             return False  # shifted_gemm's GEMMs run faster (ONEDNN_SHIFTED_*) or scale better across threads
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
@@ -170,13 +178,16 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
     )
 
 
-def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:
+def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, backward: bool = True) -> ConvAlgorithm:
     """The first algorithm in `_PREFERENCE` that is worth running and accepts the problem; failing that, the
     first that accepts it at all (the speed heuristics must not turn a problem some algorithm can run into
-    an error). WorkTooLarge when none accepts and some refused it as too large, UnsupportedProblem otherwise."""
+    an error). WorkTooLarge when none accepts and some refused it as too large, UnsupportedProblem otherwise.
+
+    backward: whether a backward pass will follow (training), so that the heuristics weigh forward+backward; False
+    (inference: no grad, /forward) weighs the forward alone."""
     available = registered()
     order = [available[name] for name in _PREFERENCE.get(input.device.type, ("im2col",)) if name in available]
-    worth = [algorithm for algorithm in order if _worth_running(algorithm.name, input, weight, spec)]
+    worth = [algorithm for algorithm in order if _worth_running(algorithm.name, input, weight, spec, backward)]
     refusals: dict[str, UnsupportedProblem] = {}
     for algorithm in worth + [algorithm for algorithm in order if algorithm not in worth]:
         try:
@@ -189,10 +200,10 @@ def choose(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlg
     raise (WorkTooLarge if too_large else UnsupportedProblem)(f"no algorithm runs this problem: {reasons}")
 
 
-def resolve(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> ConvAlgorithm:
+def resolve(name: str, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, backward: bool = True) -> ConvAlgorithm:
     """The algorithm called `name` ("auto" chooses), checked against the problem."""
     if name == "auto":
-        return choose(input, weight, spec)
+        return choose(input, weight, spec, backward)
     algorithm = get(name)
     algorithm.accept(input, weight, spec)
     return algorithm

@@ -10,6 +10,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 
 import kernels
 from app.config import Settings
@@ -74,6 +75,26 @@ async def test_gemm_setting_forces_the_backend(monkeypatch) -> None:
         assert (await client.get("/info")).json()["cpu_gemm"] == "torch"
         answer = await client.post("/forward", json={**FORWARD_EXAMPLE, "algorithm": "im2col"})
         assert answer.status_code == 200 and answer.json()["parity"]["ok"] is True
+
+
+async def test_forward_and_backward_name_the_algorithm_each_ran(monkeypatch) -> None:
+    """ "auto" weighs the forward alone for /forward and forward+backward for /backward (kernels/selection.py): with
+    oneDNN's GEMMs a 32-channel 14x14 layer runs im2col for the one and unfold for the other, and each response says so."""
+    if not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(gemm._state, "setting", gemm._state.setting)  # restored after the test: it is process-wide
+    generator = torch.Generator().manual_seed(97)
+    body = {
+        "input": torch.randn(1, 32, 14, 14, generator=generator).tolist(),
+        "weight": (torch.randn(32, 32, 3, 3, generator=generator) / 288**0.5).tolist(),
+        "padding": 1,
+    }
+    async with running(gemm="onednn") as (_, client):
+        forward = await client.post("/forward", json=body)
+        backward = await client.post("/backward", json=body)
+    assert forward.status_code == backward.status_code == 200, (forward.text, backward.text)
+    assert (forward.json()["algorithm"], backward.json()["algorithm"]) == ("im2col", "unfold")
+    assert forward.json()["parity"]["ok"] and backward.json()["parity"]["ok"]
 
 
 async def test_metrics_names(client) -> None:

@@ -203,6 +203,52 @@ def test_auto_leaves_winograd_when_its_gemms_are_small(channels, batch, threads,
 
 
 @pytest.mark.parametrize(
+    ("input_shape", "expected"),
+    [
+        ((1, 256, 14, 14), ("unfold", "im2col")),  # 196 positions: unfold's F.fold backward pays, its forward does not
+        ((4, 512, 7, 7), ("unfold", "im2col")),  # 196 over four images
+        ((1, 32, 14, 14), ("unfold", "im2col")),  # 1.8M MACs, over SMALL_MACS
+        ((1, 128, 10, 10), ("unfold", "unfold")),  # 100 positions: within ONEDNN_UNFOLD_INFERENCE_MAX_POSITIONS
+        ((1, 512, 7, 7), ("unfold", "unfold")),  # 49
+    ],
+)
+def test_auto_weighs_the_forward_alone_where_no_backward_follows(input_shape, expected, monkeypatch):
+    """With oneDNN's GEMMs, `choose(..., backward=False)` (inference) leaves unfold from 129 output positions, where only its
+    backward is ahead of im2col (kernels/selection.py ONEDNN_UNFOLD_INFERENCE_MAX_POSITIONS); training keeps it."""
+    force_gemm(monkeypatch, "onednn")
+    channels = input_shape[1]
+    input, weight = torch.empty(input_shape), torch.empty(channels, channels, 3, 3)
+    spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
+    assert (choose(input, weight, spec).name, choose(input, weight, spec, backward=False).name) == expected
+
+
+def test_conv2d_plans_inference_and_training_apart(monkeypatch):
+    """kernels.conv2d's "auto" asks for the forward alone where nothing requires grad (or grad mode is off), and for
+    forward+backward where autograd records; the same layer runs im2col in the first case, unfold in the second, each
+    against the float64 oracle."""
+    force_gemm(monkeypatch, "onednn")
+    ran = []
+    for module, cls, method in ((im2col, "Im2col", "forward"), (unfold, "Unfold", "forward"), (unfold, "Unfold", "forward_keeping")):
+        real = getattr(getattr(module, cls), method)
+        monkeypatch.setattr(getattr(module, cls), method, lambda self, *args, real=real: ran.append(self.name) or real(self, *args))
+    generator = torch.Generator().manual_seed(89)
+    input, weight = torch.randn(1, 32, 14, 14, generator=generator), torch.randn(32, 32, 3, 3, generator=generator) / 288**0.5
+    exact = input.double().requires_grad_()
+    expected = torch.nn.functional.conv2d(exact, weight.double(), padding=1)
+    expected.sum().backward()
+    with torch.no_grad():
+        assert_parity("output", kernels.conv2d(input, weight, padding=1), expected.detach(), torch.float32)
+    assert ran == ["im2col"]
+    ran.clear()
+    leaf = input.clone().requires_grad_()
+    output = kernels.conv2d(leaf, weight, padding=1)
+    assert ran == ["unfold"]
+    assert_parity("output", output, expected.detach(), torch.float32)
+    output.sum().backward()
+    assert_parity("grad_input", leaf.grad, exact.grad, torch.float32)
+
+
+@pytest.mark.parametrize(
     ("batch", "channels", "size", "layout", "expected"),
     [
         (4, 64, 56, torch.contiguous_format, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
