@@ -129,6 +129,8 @@ ONEDNN_WINOGRAD_MIN_GEMM_MACS = 6 << 20
 # 6.9M multiply-adds a GEMM: 2.30/2.27 vs im2col 1.78/2.46) and this many multiply-adds per GEMM, at most this many
 # channels and this much waste. Not for channels-last input, whose Winograd path has no transposing copy either
 # (64x56 batch 4 in two alternated runs: forward 1.40-1.43x vs 1.29-1.33x, forward+backward 1.49-1.52x vs 1.47x).
+# Nor at one thread, where Winograd's transforms weigh less against its fewer multiply-adds (64x56 at batch 4:
+# winograd 1.49/1.23 vs shifted_gemm 1.84/1.57; batch 2: 1.45/1.31 vs 1.49/1.39).
 ONEDNN_SHIFTED_MIN_ROWS = 6000
 ONEDNN_SHIFTED_MIN_GEMM_MACS = 12 << 20
 ONEDNN_SHIFTED_MAX_CHANNELS = 64
@@ -170,6 +172,7 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
     wide_rows = input.shape[0] * (input.shape[2] + spec.padding[0] + spec.padding[1]) * (input.shape[3] + spec.padding[2] + spec.padding[3])
     return (
         spec.groups == 1
+        and torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
         and not strictly_channels_last(input)
         and max(weight.shape[0], weight.shape[1]) <= ONEDNN_SHIFTED_MAX_CHANNELS
         and wide_rows >= ONEDNN_SHIFTED_MIN_ROWS

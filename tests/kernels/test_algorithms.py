@@ -249,29 +249,30 @@ def test_conv2d_plans_inference_and_training_apart(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("batch", "channels", "size", "layout", "expected"),
+    ("batch", "channels", "size", "layout", "threads", "expected"),
     [
-        (4, 64, 56, torch.contiguous_format, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
-        (2, 64, 56, torch.contiguous_format, "shifted_gemm"),  # 6,728 rows
-        (1, 64, 56, torch.contiguous_format, "im2col"),  # 3,364 rows: under ONEDNN_SHIFTED_MIN_ROWS
-        (2, 32, 56, torch.contiguous_format, "im2col"),  # 6,728 rows, 6.9M MACs: under ONEDNN_SHIFTED_MIN_GEMM_MACS
-        (4, 32, 56, torch.contiguous_format, "shifted_gemm"),  # 13.8M MACs
-        (4, 96, 56, torch.contiguous_format, "winograd"),  # over ONEDNN_SHIFTED_MAX_CHANNELS
-        (4, 64, 28, torch.contiguous_format, "im2col"),  # waste 1.15, over ONEDNN_SHIFTED_MAX_WASTE
-        (4, 64, 56, torch.channels_last, "winograd"),  # Winograd's NHWC path has no transposing copy either
+        (4, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
+        (4, 64, 56, torch.contiguous_format, 1, "winograd"),  # one thread: Winograd's fewer multiply-adds win
+        (2, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 6,728 rows
+        (1, 64, 56, torch.contiguous_format, 2, "im2col"),  # 3,364 rows: under ONEDNN_SHIFTED_MIN_ROWS
+        (2, 32, 56, torch.contiguous_format, 2, "im2col"),  # 6,728 rows, 6.9M MACs: under ONEDNN_SHIFTED_MIN_GEMM_MACS
+        (4, 32, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 13.8M MACs
+        (4, 96, 56, torch.contiguous_format, 2, "winograd"),  # over ONEDNN_SHIFTED_MAX_CHANNELS
+        (4, 64, 28, torch.contiguous_format, 2, "im2col"),  # waste 1.15, over ONEDNN_SHIFTED_MAX_WASTE
+        (4, 64, 56, torch.channels_last, 2, "winograd"),  # Winograd's NHWC path has no transposing copy either
     ],
 )
 def test_auto_takes_shifted_gemm_for_big_few_channel_images_with_onednn(
-    batch, channels, size, layout, expected, restore_threads, monkeypatch
+    batch, channels, size, layout, threads, expected, restore_threads, monkeypatch
 ):
-    """3x3 stride 1 at 2 threads: with oneDNN's GEMMs (each tap's sum in its epilogue) shifted_gemm takes NCHW 56x56
+    """3x3 stride 1: with oneDNN's GEMMs (each tap's sum in its epilogue) and 2 threads, shifted_gemm takes NCHW 56x56
     images of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM (kernels/selection.py
     ONEDNN_SHIFTED_*), whether or not Winograd's transforms compile."""
     force_gemm(monkeypatch, "onednn")
     input = torch.empty(batch, channels, size, size).contiguous(memory_format=layout)
     weight = torch.empty(channels, channels, 3, 3)
     spec = normalize(input, weight, None, 1, 1, 1, 1, "zeros")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     for mode in ("off", "background"):
         with kernels.compiled.mode(mode):
             assert choose(input, weight, spec).name == expected, mode
