@@ -131,8 +131,14 @@ ONEDNN_WINOGRAD_MIN_GEMM_MACS = 6 << 20
 # (64x56 batch 4 in two alternated runs: forward 1.40-1.43x vs 1.29-1.33x, forward+backward 1.49-1.52x vs 1.47x).
 # Nor at one thread, where Winograd's transforms weigh less against its fewer multiply-adds (64x56 at batch 4:
 # winograd 1.49/1.23 vs shifted_gemm 1.84/1.57; batch 2: 1.45/1.31 vs 1.49/1.39).
+# And it needs each tap GEMM's traffic (its rows in, the running sum in and out: wide rows x (C_in + 2 C_out) floats)
+# to stay under this: past it the sums leave the caches, and Winograd's fewer passes win (same process, ours /
+# nn.Conv2d fwd / fwd+bwd, shifted_gemm vs winograd: 64 channels at batch 4, 10.3 MB, 1.56/1.44 vs 1.78/1.61; batch 6,
+# 15.5 MB, 1.72/1.51 vs 1.59/1.44; batch 8 1.87-1.92/1.64-1.71 vs 1.58/1.36-1.40; 32 channels at batch 8, 10.3 MB,
+# 2.09/1.88 vs 2.36/2.26; batch 16 2.61/2.30 vs 2.40/2.21).
 ONEDNN_SHIFTED_MIN_ROWS = 6000
 ONEDNN_SHIFTED_MIN_GEMM_MACS = 12 << 20
+ONEDNN_SHIFTED_MAX_PASS_BYTES = 12 << 20
 ONEDNN_SHIFTED_MAX_CHANNELS = 64
 ONEDNN_SHIFTED_MAX_WASTE = 1.1
 
@@ -177,6 +183,7 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         and max(weight.shape[0], weight.shape[1]) <= ONEDNN_SHIFTED_MAX_CHANNELS
         and wide_rows >= ONEDNN_SHIFTED_MIN_ROWS
         and wide_rows * weight.shape[0] * weight.shape[1] >= ONEDNN_SHIFTED_MIN_GEMM_MACS
+        and wide_rows * (weight.shape[1] + 2 * weight.shape[0]) * input.element_size() <= ONEDNN_SHIFTED_MAX_PASS_BYTES
         and shifted_gemm.waste(input, weight, spec) <= ONEDNN_SHIFTED_MAX_WASTE
     )
 

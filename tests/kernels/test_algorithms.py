@@ -253,6 +253,8 @@ def test_conv2d_plans_inference_and_training_apart(monkeypatch):
     [
         (4, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
         (4, 64, 56, torch.contiguous_format, 1, "winograd"),  # one thread: Winograd's fewer multiply-adds win
+        (8, 64, 56, torch.contiguous_format, 2, "winograd"),  # 20.7 MB through each tap GEMM: ONEDNN_SHIFTED_MAX_PASS_BYTES
+        (8, 32, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 10.3 MB
         (2, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 6,728 rows
         (1, 64, 56, torch.contiguous_format, 2, "im2col"),  # 3,364 rows: under ONEDNN_SHIFTED_MIN_ROWS
         (2, 32, 56, torch.contiguous_format, 2, "im2col"),  # 6,728 rows, 6.9M MACs: under ONEDNN_SHIFTED_MIN_GEMM_MACS
@@ -266,8 +268,8 @@ def test_auto_takes_shifted_gemm_for_big_few_channel_images_with_onednn(
     batch, channels, size, layout, threads, expected, restore_threads, monkeypatch
 ):
     """3x3 stride 1: with oneDNN's GEMMs (each tap's sum in its epilogue) and 2 threads, shifted_gemm takes NCHW 56x56
-    images of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM (kernels/selection.py
-    ONEDNN_SHIFTED_*), whether or not Winograd's transforms compile."""
+    images of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM, up to 12 MiB through each
+    (kernels/selection.py ONEDNN_SHIFTED_*), whether or not Winograd's transforms compile."""
     force_gemm(monkeypatch, "onednn")
     input = torch.empty(batch, channels, size, size).contiguous(memory_format=layout)
     weight = torch.empty(channels, channels, 3, 3)
