@@ -55,20 +55,30 @@ def waste(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> float:
 
 def padded_rows(input: torch.Tensor, spec: ConvSpec, tail: int = 0) -> torch.Tensor:
     """input (N, C, H, W), any memory format -> its zero-padded NHWC (N, H_pad, W_pad, C) as rows (N*H_pad*W_pad + tail, C),
-    contiguous, with `tail` zero rows after them (so that every tap's slice of a whole wide output stays in bounds).
+    contiguous, with `tail` zero rows after them (so that every tap's slice of a whole wide output stays in bounds)."""
+    return _rows(input, spec.padding, 0, tail)
 
-    F.pad where autograd records (double backward); else zeros only at the borders, then one transposing copy.
-    """
-    top, bottom, left, right = spec.padding
-    batch, channels, height, width = input.shape
-    nhwc = input.permute(0, 2, 3, 1)
-    if torch.is_grad_enabled() and input.requires_grad:
-        grid = F.pad(nhwc, (0, 0, left, right, top, bottom)).reshape(-1, channels)
-        return F.pad(grid, (0, 0, 0, tail)) if tail else grid
+
+def _rows(tensor: torch.Tensor, pads: tuple[int, int, int, int], front: int, back: int) -> torch.Tensor:
+    """tensor (N, C, h, w) zero-padded by pads (top, bottom, left, right), NHWC, as rows (front + N*H_pad*W_pad + back, C)
+    between `front` and `back` zero rows: F.pad where autograd records (double backward); else zeros only at the
+    borders, then one transposing copy."""
+    top, bottom, left, right = pads
+    batch, channels, height, width = tensor.shape
+    nhwc = tensor.permute(0, 2, 3, 1)
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return F.pad(F.pad(nhwc, (0, 0, left, right, top, bottom)).reshape(-1, channels), (0, 0, front, back))
     padded_height, padded_width = height + top + bottom, width + left + right
-    rows = input.new_empty(batch * padded_height * padded_width + tail, channels)
-    grid = rows[: rows.shape[0] - tail].view(batch, padded_height, padded_width, channels)
-    for border in (grid[:, :top], grid[:, top + height :], grid[:, :, :left], grid[:, :, left + width :], rows[rows.shape[0] - tail :]):
+    rows = tensor.new_empty(front + batch * padded_height * padded_width + back, channels)
+    grid = rows[front : rows.shape[0] - back].view(batch, padded_height, padded_width, channels)
+    for border in (
+        rows[:front],
+        rows[rows.shape[0] - back :],
+        grid[:, :top],
+        grid[:, top + height :],
+        grid[:, :, :left],
+        grid[:, :, left + width :],
+    ):
         border.zero_()
     grid[:, top : top + height, left : left + width] = nhwc
     return rows
@@ -113,15 +123,8 @@ def crop(wide: torch.Tensor, out_shape: tuple[int, int, int], image_rows: int, p
 
 def wide_rows(tensor: torch.Tensor, padded_hw: tuple[int, int], margin: int) -> torch.Tensor:
     """tensor (N, C, h, w) -> (margin + N*H_pad*W_pad, C): its values at their wide rows, zeros elsewhere."""
-    batch, channels, height, width = tensor.shape
-    padded_height, padded_width = padded_hw
-    nhwc = tensor.permute(0, 2, 3, 1)
-    if torch.is_grad_enabled():  # F.pad keeps the graph for double backward
-        wide = F.pad(nhwc, (0, 0, 0, padded_width - width, 0, padded_height - height)).reshape(-1, channels)
-        return F.pad(wide, (0, 0, margin, 0))
-    rows = tensor.new_zeros(margin + batch * padded_height * padded_width, channels)
-    rows[margin:].view(batch, padded_height, padded_width, channels)[:, :height, :width] = nhwc
-    return rows
+    height, width = tensor.shape[2:]
+    return _rows(tensor, (0, padded_hw[0] - height, 0, padded_hw[1] - width), margin, 0)
 
 
 def wide_channels(tensor: torch.Tensor, padded_hw: tuple[int, int]) -> torch.Tensor:
