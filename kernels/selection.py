@@ -175,7 +175,7 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         return True
     if not onednn:
         return shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
-    wide_rows = input.shape[0] * (input.shape[2] + spec.padding[0] + spec.padding[1]) * (input.shape[3] + spec.padding[2] + spec.padding[3])
+    wide_rows = shifted_gemm.wide_row_count(input, spec)
     return (
         spec.groups == 1
         and torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS

@@ -47,6 +47,11 @@ def _padded_area(input: torch.Tensor, spec: ConvSpec) -> int:
     return (input.shape[2] + top + bottom) * (input.shape[3] + left + right)
 
 
+def wide_row_count(input: torch.Tensor, spec: ConvSpec) -> int:
+    """Rows of the wide output (and of each tap's GEMM): N*H_pad*W_pad."""
+    return input.shape[0] * _padded_area(input, spec)
+
+
 def waste(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> float:
     """Wide output rows per real output position: H_pad*W_pad / (H_out*W_out)."""
     out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
@@ -155,7 +160,7 @@ class ShiftedGemm(ConvAlgorithm):
         if spec.stride != (1, 1):
             raise UnsupportedProblem(f"algorithm 'shifted_gemm' needs stride (1, 1), got {spec.stride}; use 'im2col'")
         ratio = waste(input, weight, spec)
-        wide_macs = input.shape[0] * _padded_area(input, spec) * weight.numel()  # N*H_pad*W_pad*C_out*C_in/g*kH*kW
+        wide_macs = wide_row_count(input, spec) * weight.numel()  # N*H_pad*W_pad*C_out*C_in/g*kH*kW
         if ratio > MAX_WASTE and wide_macs > SMALL_WIDE_MACS:
             raise UnsupportedProblem(
                 f"algorithm 'shifted_gemm' computes every padded position, {ratio:,.1f}x the output's here "
@@ -222,17 +227,23 @@ class ShiftedGemm(ConvAlgorithm):
         margin = offsets[-1]
         total = batch * padded_height * padded_width
 
+        # oneDNN runs a GEMM with a row-major left operand: grad_weight takes the grad channel-major (C_out, wide rows)
+        channel_major = need_weight and groups == 1 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled()
+        # The grad's wide rows, once for grad_input and a row-major grad_weight: `margin` zero rows in front so that
+        # grad_input's reads at (row - offset) never go negative.
+        grad_rows = None
+        if need_input or (need_weight and not channel_major):
+            grad_rows = wide_rows(grad_output, (padded_height, padded_width), margin if need_input else 0)
+
         grad_weight = None
         if need_weight:
             if rows is None:
                 rows = padded_rows(input, spec, tail=margin)
-            if groups == 1 and gemm.routes_to_onednn(input.dtype) and not torch.is_grad_enabled():
-                # oneDNN runs a GEMM with a row-major left operand: the grad channel-major (C_out, wide rows), against
-                # each tap's rows (a transposed view), straight into the weight's (C_out, C_in) order
+            if channel_major:  # against each tap's rows (a transposed view), straight into the weight's (C_out, C_in) order
                 columns = wide_channels(grad_output, (padded_height, padded_width))
                 grad_weight = torch.stack([gemm.mm(columns, rows[o : o + total]) for o in offsets], dim=-1).view(weight.shape)
             else:
-                grad_wide = wide_rows(grad_output, (padded_height, padded_width), 0)
+                grad_wide = grad_rows[grad_rows.shape[0] - total :]
                 grad_taps = torch.stack(
                     [
                         torch.stack([grouped(rows, groups, g)[o : o + total].t() @ grouped(grad_wide, groups, g) for o in offsets])
@@ -243,8 +254,6 @@ class ShiftedGemm(ConvAlgorithm):
 
         grad_input = None
         if need_input:
-            # `margin` zero rows in front so that grad_input's reads at (row - offset) never go negative.
-            grad_rows = wide_rows(grad_output, (padded_height, padded_width), margin)
             flipped = weight_taps(weight, groups).transpose(2, 3).flip(1).contiguous()
             read_offsets = [margin - o for o in reversed(offsets)]
             blocks = [sum_of_shifted_gemms(grouped(grad_rows, groups, g), flipped[g], read_offsets, total) for g in range(groups)]
