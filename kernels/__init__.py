@@ -19,6 +19,7 @@ from kernels import reference as _reference  # noqa: F401  (registers "reference
 from kernels import shifted_gemm as _shifted_gemm  # noqa: F401  (registers "shifted_gemm")
 from kernels import unfold as _unfold  # noqa: F401  (registers "unfold")
 from kernels import winograd as _winograd  # noqa: F401  (registers "winograd")
+from kernels import winograd_rows as _winograd_rows  # noqa: F401  (registers "winograd_rows")
 from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, names
 from kernels.function import conv2d
 from kernels.limits import get_limits, set_limits

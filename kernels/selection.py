@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import compiled, gemm, shifted_gemm
+from kernels import compiled, gemm, shifted_gemm, winograd_rows
 from kernels.base import ConvAlgorithm, UnsupportedProblem, WorkTooLarge, get, registered
 from kernels.layout import strictly_channels_last
 from kernels.limits import macs
@@ -16,7 +16,7 @@ from kernels.precision import HALF
 # are not well served by a generic patch GEMM. Measurements: bench/bench_kernels.py, docs/performance.md.
 _PREFERENCE = {
     "cuda": ("triton", "im2col"),
-    "cpu": ("unfold", "depthwise", "pointwise", "winograd", "shifted_gemm", "im2col"),
+    "cpu": ("unfold", "depthwise", "pointwise", "winograd", "winograd_rows", "shifted_gemm", "im2col"),
 }
 
 # Below this many multiply-adds the time of a CPU conv is its count of torch calls, and `unfold`
@@ -160,8 +160,9 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         few_channels = max(weight.shape[0], weight.shape[1]) <= SHIFTED_OVER_WINOGRAD_MAX_CHANNELS
         threaded = torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
         compiles = input.device.type == "cpu" and compiled.available()  # kernels/winograd_compiled.py
-        if few_channels and (onednn or (threaded and not compiles)) and _worth_running("shifted_gemm", input, weight, spec, backward):
-            return False  # shifted_gemm's GEMMs run faster (ONEDNN_SHIFTED_*) or scale better across threads
+        shifted = any(_worth_running(name, input, weight, spec, backward) for name in ("winograd_rows", "shifted_gemm"))
+        if few_channels and (onednn or (threaded and not compiles)) and shifted:
+            return False  # shifted GEMMs run faster (ONEDNN_SHIFTED_*) or scale better across threads
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3])
         tiles = input.shape[0] * -(-out_height // 2) * -(-out_width // 2)
         least = ONEDNN_WINOGRAD_MIN_GEMM_MACS if onednn else WINOGRAD_MIN_THREADED_GEMM_MACS if threaded else WINOGRAD_MIN_GEMM_MACS
@@ -171,11 +172,26 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         if channels >= WINOGRAD_WIDE_CHANNELS:
             return size >= WINOGRAD_WIDE_MIN_OUTPUT
         return channels >= WINOGRAD_MIN_CHANNELS and size >= WINOGRAD_MIN_OUTPUT
+    if name == "winograd_rows":
+        # shifted_gemm's problems with a kernel 3 wide (ONEDNN_SHIFTED_* below), and the ones past its pass-size cut whose
+        # tile rows (half the wide rows) fit: 2/3 of its multiply-adds, each GEMM's running sum half as big. Measured
+        # (round 23: bench_kernels, 11 interleaved reps, ours / nn.Conv2d fwd / fwd+bwd, 64 channels at 56x56): batch 4
+        # 1.39/1.32 and 1.42/1.33 vs shifted_gemm 1.55/1.48 and 1.51/1.43; batch 2 1.45/1.49 vs 1.56/1.60; batch 8 1.49/1.35
+        # vs winograd 1.64/1.36 (shifted_gemm 1.80/1.70). Same process: 64x112 at batch 1 1.46-1.56/1.36 vs 1.51-1.52/1.44;
+        # 32x56 at batch 4 a tie (2.07/1.95 vs 2.03/2.04), at batch 16 2.44/1.98 vs winograd 2.79/1.99. With torch's
+        # GEMMs it was not measured, and shifted_gemm keeps those.
+        return onednn and winograd_rows.eligible(weight, spec) and _shifted_worth_running(input, weight, spec, tile_rows=True)
     if name != "shifted_gemm":
         return True
     if not onednn:
         return shifted_gemm.waste(input, weight, spec) <= MAX_SHIFTED_WASTE
+    return _shifted_worth_running(input, weight, spec)
+
+
+def _shifted_worth_running(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, tile_rows: bool = False) -> bool:
+    """shifted_gemm's rules with oneDNN's GEMMs (ONEDNN_SHIFTED_*); tile_rows: winograd_rows's passes, over half the rows."""
     wide_rows = shifted_gemm.wide_row_count(input, spec)
+    pass_rows = wide_rows // 2 if tile_rows else wide_rows
     return (
         spec.groups == 1
         and torch.get_num_threads() >= SHIFTED_OVER_WINOGRAD_THREADS
@@ -183,7 +199,7 @@ def _worth_running(name: str, input: torch.Tensor, weight: torch.Tensor, spec: C
         and max(weight.shape[0], weight.shape[1]) <= ONEDNN_SHIFTED_MAX_CHANNELS
         and wide_rows >= ONEDNN_SHIFTED_MIN_ROWS
         and wide_rows * weight.shape[0] * weight.shape[1] >= ONEDNN_SHIFTED_MIN_GEMM_MACS
-        and wide_rows * (weight.shape[1] + 2 * weight.shape[0]) * input.element_size() <= ONEDNN_SHIFTED_MAX_PASS_BYTES
+        and pass_rows * (weight.shape[1] + 2 * weight.shape[0]) * input.element_size() <= ONEDNN_SHIFTED_MAX_PASS_BYTES
         and shifted_gemm.waste(input, weight, spec) <= ONEDNN_SHIFTED_MAX_WASTE
     )
 

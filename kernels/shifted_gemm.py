@@ -61,10 +61,10 @@ def waste(input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> float:
 def padded_rows(input: torch.Tensor, spec: ConvSpec, tail: int = 0) -> torch.Tensor:
     """input (N, C, H, W), any memory format -> its zero-padded NHWC (N, H_pad, W_pad, C) as rows (N*H_pad*W_pad + tail, C),
     contiguous, with `tail` zero rows after them (so that every tap's slice of a whole wide output stays in bounds)."""
-    return _rows(input, spec.padding, 0, tail)
+    return nhwc_rows(input, spec.padding, 0, tail)
 
 
-def _rows(tensor: torch.Tensor, pads: tuple[int, int, int, int], front: int, back: int) -> torch.Tensor:
+def nhwc_rows(tensor: torch.Tensor, pads: tuple[int, int, int, int], front: int, back: int) -> torch.Tensor:
     """tensor (N, C, h, w) zero-padded by pads (top, bottom, left, right), NHWC, as rows (front + N*H_pad*W_pad + back, C)
     between `front` and `back` zero rows: F.pad where autograd records (double backward); else zeros only at the
     borders, then one transposing copy."""
@@ -129,7 +129,7 @@ def crop(wide: torch.Tensor, out_shape: tuple[int, int, int], image_rows: int, p
 def wide_rows(tensor: torch.Tensor, padded_hw: tuple[int, int], margin: int) -> torch.Tensor:
     """tensor (N, C, h, w) -> (margin + N*H_pad*W_pad, C): its values at their wide rows, zeros elsewhere."""
     height, width = tensor.shape[2:]
-    return _rows(tensor, (0, padded_hw[0] - height, 0, padded_hw[1] - width), margin, 0)
+    return nhwc_rows(tensor, (0, padded_hw[0] - height, 0, padded_hw[1] - width), margin, 0)
 
 
 def wide_channels(tensor: torch.Tensor, padded_hw: tuple[int, int]) -> torch.Tensor:
@@ -158,12 +158,12 @@ class ShiftedGemm(ConvAlgorithm):
     def check(self, input: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> None:
         super().check(input, weight, spec)
         if spec.stride != (1, 1):
-            raise UnsupportedProblem(f"algorithm 'shifted_gemm' needs stride (1, 1), got {spec.stride}; use 'im2col'")
+            raise UnsupportedProblem(f"algorithm {self.name!r} needs stride (1, 1), got {spec.stride}; use 'im2col'")
         ratio = waste(input, weight, spec)
         wide_macs = wide_row_count(input, spec) * weight.numel()  # N*H_pad*W_pad*C_out*C_in/g*kH*kW
         if ratio > MAX_WASTE and wide_macs > SMALL_WIDE_MACS:
             raise UnsupportedProblem(
-                f"algorithm 'shifted_gemm' computes every padded position, {ratio:,.1f}x the output's here "
+                f"algorithm {self.name!r} computes every padded position, {ratio:,.1f}x the output's here "
                 f"(it refuses more than {MAX_WASTE}x on problems over {SMALL_WIDE_MACS:,} MACs); use 'im2col'"
             )
 

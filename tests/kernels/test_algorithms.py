@@ -251,25 +251,27 @@ def test_conv2d_plans_inference_and_training_apart(monkeypatch):
 @pytest.mark.parametrize(
     ("batch", "channels", "size", "layout", "threads", "expected"),
     [
-        (4, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 13,456 wide rows, 55M MACs per tap GEMM
+        (4, 64, 56, torch.contiguous_format, 2, "winograd_rows"),  # 13,456 wide rows, 55M MACs per tap GEMM
         (4, 64, 56, torch.contiguous_format, 1, "winograd"),  # one thread: Winograd's fewer multiply-adds win
-        (8, 64, 56, torch.contiguous_format, 2, "winograd"),  # 20.7 MB through each tap GEMM: ONEDNN_SHIFTED_MAX_PASS_BYTES
-        (8, 32, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 10.3 MB
-        (2, 64, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 6,728 rows
+        (8, 64, 56, torch.contiguous_format, 2, "winograd_rows"),  # 10.3 MB through each of its GEMMs (half the rows)
+        (16, 64, 56, torch.contiguous_format, 2, "winograd"),  # 20.7 MB: over ONEDNN_SHIFTED_MAX_PASS_BYTES
+        (8, 32, 56, torch.contiguous_format, 2, "winograd_rows"),  # 5.2 MB
+        (2, 64, 56, torch.contiguous_format, 2, "winograd_rows"),  # 6,728 rows
         (1, 64, 56, torch.contiguous_format, 2, "im2col"),  # 3,364 rows: under ONEDNN_SHIFTED_MIN_ROWS
         (2, 32, 56, torch.contiguous_format, 2, "im2col"),  # 6,728 rows, 6.9M MACs: under ONEDNN_SHIFTED_MIN_GEMM_MACS
-        (4, 32, 56, torch.contiguous_format, 2, "shifted_gemm"),  # 13.8M MACs
+        (4, 32, 56, torch.contiguous_format, 2, "winograd_rows"),  # 13.8M MACs
         (4, 96, 56, torch.contiguous_format, 2, "winograd"),  # over ONEDNN_SHIFTED_MAX_CHANNELS
         (4, 64, 28, torch.contiguous_format, 2, "im2col"),  # waste 1.15, over ONEDNN_SHIFTED_MAX_WASTE
         (4, 64, 56, torch.channels_last, 2, "winograd"),  # Winograd's NHWC path has no transposing copy either
     ],
 )
-def test_auto_takes_shifted_gemm_for_big_few_channel_images_with_onednn(
+def test_auto_takes_shifted_gemms_for_big_few_channel_images_with_onednn(
     batch, channels, size, layout, threads, expected, restore_threads, monkeypatch
 ):
-    """3x3 stride 1: with oneDNN's GEMMs (each tap's sum in its epilogue) and 2 threads, shifted_gemm takes NCHW 56x56
-    images of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM, up to 12 MiB through each
-    (kernels/selection.py ONEDNN_SHIFTED_*), whether or not Winograd's transforms compile."""
+    """3x3 stride 1: with oneDNN's GEMMs (each tap's sum in its epilogue) and 2 threads, shifted GEMMs (winograd_rows, for
+    3-wide kernels) take NCHW 56x56 images of up to 64 channels from 6,000 wide rows and 12M multiply-adds per tap GEMM,
+    up to 12 MiB through each (kernels/selection.py ONEDNN_SHIFTED_*), whether or not Winograd's transforms compile,
+    for inference as for training."""
     force_gemm(monkeypatch, "onednn")
     input = torch.empty(batch, channels, size, size).contiguous(memory_format=layout)
     weight = torch.empty(channels, channels, 3, 3)
@@ -277,7 +279,20 @@ def test_auto_takes_shifted_gemm_for_big_few_channel_images_with_onednn(
     torch.set_num_threads(threads)
     for mode in ("off", "background"):
         with kernels.compiled.mode(mode):
-            assert choose(input, weight, spec).name == expected, mode
+            for backward in (True, False):
+                assert choose(input, weight, spec, backward).name == expected, (mode, backward)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "expected"), [((3, 3), 1, "winograd_rows"), ((1, 3), (0, 1), "winograd_rows"), ((3, 2), 1, "shifted_gemm")]
+)
+def test_auto_sends_winograd_rows_only_kernels_three_wide(kernel, padding, expected, restore_threads, monkeypatch):
+    """Where shifted_gemm's rules hold, a kernel 3 wide runs winograd_rows (F(2, 3) needs 3 taps per row, whatever the
+    kernel's height); others stay with shifted_gemm."""
+    force_gemm(monkeypatch, "onednn")
+    torch.set_num_threads(2)
+    input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, *kernel)
+    assert choose(input, weight, normalize(input, weight, None, 1, padding, 1, 1, "zeros")).name == expected
 
 
 @pytest.mark.parametrize(

@@ -74,11 +74,11 @@ def test_grad_input_compiles_only_within_its_padding(compile_sync):
         assert winograd_compiled.forward(input, weight, bias, spec.padding) is not None
 
 
-@pytest.mark.parametrize(("backend", "choices"), [("torch", ("shifted_gemm", "winograd")), ("onednn", ("shifted_gemm", "shifted_gemm"))])
+@pytest.mark.parametrize(("backend", "choices"), [("torch", ("shifted_gemm", "winograd")), ("onednn", ("winograd_rows", "winograd_rows"))])
 def test_auto_between_winograd_and_shifted_gemm(backend, choices, restore_threads, monkeypatch):
     """64 channels at 56x56, batch 4, from 2 threads (eager, then where Winograd's transforms compile): with torch's
-    GEMMs shifted_gemm eagerly and winograd where it compiles; with oneDNN's (kernels/gemm.py) shifted_gemm either
-    way, its tap GEMMs summed in oneDNN's epilogue beating even compiled Winograd there (kernels/selection.py)."""
+    GEMMs shifted_gemm eagerly and winograd where it compiles; with oneDNN's (kernels/gemm.py) winograd_rows either
+    way, its shifted GEMMs summed in oneDNN's epilogue beating even compiled Winograd there (kernels/selection.py)."""
     force_gemm(monkeypatch, backend)
     torch.set_num_threads(2)
     input, weight = torch.empty(4, 64, 56, 56), torch.empty(64, 64, 3, 3)
