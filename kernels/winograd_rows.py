@@ -24,6 +24,8 @@ shifted_gemm's, on the padded input rows the forward built (kept under autograd,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels import compiled, gemm
@@ -31,6 +33,7 @@ from kernels.base import Support, UnsupportedProblem, register
 from kernels.params import ConvSpec
 from kernels.precision import HALF, widened
 from kernels.shifted_gemm import ShiftedGemm, nhwc_rows, padded_rows, tap_offsets
+from kernels.workspace import scratch
 
 
 def eligible(weight: torch.Tensor, spec: ConvSpec) -> bool:
@@ -41,10 +44,11 @@ def eligible(weight: torch.Tensor, spec: ConvSpec) -> bool:
 
 def transformed_input(grid: torch.Tensor, tiles: int) -> torch.Tensor:
     """grid: the padded NHWC input (N, H_pad, 2*tiles + 2, C) -> V (4, N*H_pad*tiles, C), [i, (n, y, t)] = (B^T d)[i]
-    for d = grid[n, y, 2t : 2t + 4]."""
+    for d = grid[n, y, 2t : 2t + 4]; valid until this thread's next call takes the buffer."""
     batch, padded_height, _, channels = grid.shape
     d0, d1, d2, d3 = (grid[:, :, start : start + 2 * tiles : 2] for start in range(4))
-    tiles_out = grid.new_empty(4, batch, padded_height, tiles, channels)
+    shape = (4, batch, padded_height, tiles, channels)  # a scratch buffer: fresh pages cost faults (kernels/workspace.py)
+    tiles_out = scratch("winograd_rows_tiles", math.prod(shape), grid).view(shape)
     torch.sub(d0, d2, out=tiles_out[0])
     torch.add(d1, d2, out=tiles_out[1])
     torch.sub(d2, d1, out=tiles_out[2])
