@@ -32,7 +32,7 @@ from kernels import compiled, gemm
 from kernels.base import Support, UnsupportedProblem, register
 from kernels.params import ConvSpec
 from kernels.precision import HALF, widened
-from kernels.shifted_gemm import ShiftedGemm, nhwc_rows, padded_rows, tap_offsets
+from kernels.shifted_gemm import ShiftedGemm, nhwc_rows, tap_offsets
 from kernels.workspace import scratch
 
 
@@ -97,27 +97,30 @@ def _output_eager(products: list[torch.Tensor], batch: int, out_height: int, pad
 
 
 def conv_rows(
-    source: torch.Tensor, pads: tuple[int, int, int, int], kernel_rows: torch.Tensor, bias: torch.Tensor | None, row_dilation: int
-) -> torch.Tensor:
+    source: torch.Tensor,
+    pads: tuple[int, int, int, int],
+    kernel_rows: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_dilation: int,
+    tail: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The stride-1 conv of source (N, C_in, H, W), zero-padded by pads (top, bottom, left, right), with U =
-    `transformed_weight` (4, kH, C_in, C_out) -> (N, C_out, H_out, W_out), W_out = W + left + right - 2 (contiguous when
-    W_out is even)."""
-    top, bottom, left, right = pads
-    batch, out_channels = source.shape[0], kernel_rows.shape[3]
-    out_height = source.shape[2] + top + bottom - (kernel_rows.shape[1] - 1) * row_dilation
-    out_width = source.shape[3] + left + right - 2
-    if batch == 0:
-        return source.new_zeros(0, out_channels, out_height, out_width)
-    tiles = -(-out_width // 2)
-    grid = _grid(source, (top, bottom, left, right + 2 * tiles - out_width))
-    return _conv_grid(grid, kernel_rows, bias, out_height, row_dilation)[..., :out_width]
-
-
-def _grid(source: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """source (N, C, H, W) zero-padded, NHWC: (N, H_pad, W_pad, C)."""
+    `transformed_weight` (4, kH, C_in, C_out) -> (output (N, C_out, H_out, W_out), W_out = W + left + right - 2,
+    contiguous when W_out is even; the padded source as NHWC rows with `tail` zero rows after them, which is
+    shifted_gemm's `padded_rows` layout, or None where an odd W_out took one more zero column or the batch is empty)."""
     top, bottom, left, right = pads
     batch, channels, height, width = source.shape
-    return nhwc_rows(source, pads, 0, 0).view(batch, height + top + bottom, width + left + right, channels)
+    out_height = height + top + bottom - (kernel_rows.shape[1] - 1) * row_dilation
+    out_width = width + left + right - 2
+    if batch == 0:
+        return source.new_zeros(0, kernel_rows.shape[3], out_height, out_width), None
+    tiles = -(-out_width // 2)
+    extra = 2 * tiles - out_width  # an odd width's last tile reads one zero column more
+    rows = nhwc_rows(source, (top, bottom, left, right + extra), 0, tail)
+    padded_height, padded_width = height + top + bottom, 2 * tiles + 2
+    grid = rows[: batch * padded_height * padded_width].view(batch, padded_height, padded_width, channels)
+    output = _conv_grid(grid, kernel_rows, bias, out_height, row_dilation)
+    return (output[..., :out_width], None) if extra else (output, rows)
 
 
 def _conv_grid(
@@ -168,15 +171,9 @@ class WinogradRows(ShiftedGemm):
         half precision, an odd output width, which pads one column more, or an empty batch)."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
-        kernel_rows = transformed_weight(weight)
-        out_height, out_width = spec.output_size(input.shape[2], input.shape[3], weight.shape[2], 3)
-        if out_width % 2 or input.shape[0] == 0:
-            return conv_rows(input, spec.padding, kernel_rows, bias, spec.dilation[0]), None
-        batch, channels = input.shape[:2]
-        padded_height, padded_width = out_height + (weight.shape[2] - 1) * spec.dilation[0], out_width + 2
-        rows = padded_rows(input, spec, tail=tap_offsets(spec, (weight.shape[2], 3), padded_width)[-1])
-        grid = rows[: batch * padded_height * padded_width].view(batch, padded_height, padded_width, channels)
-        return _conv_grid(grid, kernel_rows, bias, out_height, spec.dilation[0]), rows
+        padded_width = input.shape[3] + spec.padding[2] + spec.padding[3]
+        tail = tap_offsets(spec, (weight.shape[2], 3), padded_width)[-1]  # as shifted_gemm's backward reads them
+        return conv_rows(input, spec.padding, transformed_weight(weight), bias, spec.dilation[0], tail)
 
     def _backward(self, grad_output, input, weight, spec, need_input, need_weight, rows):
         """grad_weight as shifted_gemm's; grad_input, where its padding allows, as the forward's conv of the padded grad with
@@ -187,7 +184,7 @@ class WinogradRows(ShiftedGemm):
             return super()._backward(grad_output, input, weight, spec, need_input, need_weight, rows)
         grad_weight = super()._backward(grad_output, input, weight, spec, False, True, rows)[1] if need_weight else None
         flipped = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, kH, 3)
-        return conv_rows(grad_output, pads, transformed_weight(flipped), None, spec.dilation[0]), grad_weight
+        return conv_rows(grad_output, pads, transformed_weight(flipped), None, spec.dilation[0])[0], grad_weight
 
 
 def _grad_padding(weight: torch.Tensor, spec: ConvSpec) -> tuple[int, int, int, int]:

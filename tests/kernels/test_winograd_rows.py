@@ -51,10 +51,15 @@ def test_grad_weight_reuses_the_forwards_rows(monkeypatch, restore_limits):
     """Under autograd the forward keeps its padded input rows (shifted_gemm's layout) and grad_weight takes them: the
     input padded once per forward+backward, twice past `kept_for_backward_bytes`."""
     calls = []
-    real = shifted_gemm.padded_rows
-    spy = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)  # noqa: E731
-    monkeypatch.setattr(shifted_gemm, "padded_rows", spy)
-    monkeypatch.setattr(winograd_rows, "padded_rows", spy)
+    rebuild, pad = shifted_gemm.padded_rows, winograd_rows.nhwc_rows
+    monkeypatch.setattr(shifted_gemm, "padded_rows", lambda *args, **kwargs: calls.append(1) or rebuild(*args, **kwargs))
+
+    def padding(tensor, *args):
+        if tensor.shape[1] == CASES[0].in_channels:  # the input; grad_input's conv pads the grad (C_out channels) too
+            calls.append(1)
+        return pad(tensor, *args)
+
+    monkeypatch.setattr(winograd_rows, "nhwc_rows", padding)
     for limit, expected in ((64 << 20, 1), (1, 2)):
         calls.clear()
         kernels.set_limits(kept_for_backward_bytes=limit)
