@@ -158,3 +158,20 @@ def test_backend_choice():
     assert gemm.backend() in ("onednn", "torch")
     if gemm._onednn_available():
         assert gemm._calibrate() in ("onednn", "torch")
+
+
+@pytest.mark.skipif(not gemm._onednn_available(), reason="this torch has no oneDNN matmul op")
+def test_calibration_keeps_the_fastest_time_of_each_backend():
+    """Other work on the host only adds time: oneDNN, twice as fast when undisturbed but slowed in most rounds, is kept
+    (a median would have picked torch's matmul), and torch's matmul wins where it is the faster one undisturbed."""
+
+    def clock_for(onednn: list[float], torch_times: list[float]):
+        durations = [d for pair in zip(onednn, torch_times) for d in pair]  # the rounds interleave the two
+        ticks = iter([t for d in durations for t in (0.0, d)])  # each timing reads the clock before and after
+        return lambda: next(ticks)
+
+    rounds = gemm.CALIBRATION_ROUNDS + 1
+    disturbed = [9.0] + [3.0] * (rounds - 6) + [1.0] * 5  # a warm-up call, then mostly slowed rounds
+    assert gemm._calibrate(clock_for(disturbed, [2.0] * rounds)) == "onednn"
+    assert gemm._calibrate(clock_for([2.0] * rounds, disturbed)) == "torch"
+    assert gemm._calibrate(clock_for([1.0] * rounds, [1.1] * rounds)) == "torch"  # within ONEDNN_MARGIN: torch's stays
