@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from kernels import gemm
+from kernels import compiled, gemm
 from kernels.base import ConvAlgorithm, Support, register
 from kernels.limits import get_limits, keepable
 from kernels.params import ConvSpec
@@ -42,6 +42,40 @@ def _padded_nhwc(input: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
         padded.zero_()
     padded[:, top : top + height, left : left + width] = nhwc
     return padded
+
+
+def _gathered_columns(
+    source: torch.Tensor,
+    top: int,
+    bottom: int,
+    left: int,
+    right: int,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    out_height: int,
+    out_width: int,
+) -> torch.Tensor:
+    """The groups-1 columns (N*H_out*W_out, kH*kW*C) straight from the NCHW source (N, C, H, W), for Inductor: zero
+    padding, the NHWC transpose and the patch gather in one pass, where `_padded_nhwc` and the gather from it make two
+    (128x28 stride 2, batch 4: 0.093 against 0.144 ms)."""
+    grid = F.pad(source, (left, right, top, bottom)).permute(0, 2, 3, 1)
+    taps = [
+        grid[
+            :,
+            i * dilation_h : i * dilation_h + stride_h * (out_height - 1) + 1 : stride_h,
+            j * dilation_w : j * dilation_w + stride_w * (out_width - 1) + 1 : stride_w,
+        ]
+        for i in range(kernel_h)
+        for j in range(kernel_w)
+    ]
+    # clone: Inductor lowers a one-tap stack (a 1x1 kernel) to a view of the transposed grid, which the view below
+    # cannot take ("Cannot view a tensor"), and a failed compile turns compiling off for the process
+    columns = torch.stack(taps, dim=3).clone(memory_format=torch.contiguous_format)
+    return columns.view(-1, kernel_h * kernel_w * source.shape[1])
 
 
 def _patches(padded: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int], rows: slice, out_width: int) -> torch.Tensor:
@@ -298,24 +332,37 @@ class Im2col(ConvAlgorithm):
         return blocks * (taps + 1) + taps + fold_blocks * spec.groups
 
     def forward(self, input, weight, bias, spec):
-        return self._forward(input, weight, bias, spec, keep=False)[0]
+        return self._forward(input, weight, bias, spec, keep=False, compiled_gather=True)[0]
 
     def forward_keeping(self, input, weight, bias, spec):
         """A one-block GEMM forward keeps its columns for grad_weight, which would gather them again, where the stride is
         more than 1 (128x28 s2 4-9% faster forward+backward, the stem 7-12%). At stride 1 grad_input is a forward conv
         that gathers columns as big into the scratch buffer, and kept ones beside them doubled that working set: in
         `bench_kernels`' alternation with nn.Conv2d, 64x56 at batch 1 read 6-8% slower (docs/performance.md round 20)."""
-        return self._forward(input, weight, bias, spec, keep=input.dtype not in HALF and spec.stride != (1, 1))
+        keep = input.dtype not in HALF and spec.stride != (1, 1)
+        return self._forward(input, weight, bias, spec, keep=keep, compiled_gather=keep)
 
-    def _forward(self, input, weight, bias, spec, keep):
+    def _forward(self, input, weight, bias, spec, keep, compiled_gather=False):
         """(output, the columns grad_weight can reuse or None); with `keep`, a one-block GEMM forward whose columns fit
-        `Limits.kept_for_backward_bytes` gathers them into a tensor of their own and returns it."""
+        `Limits.kept_for_backward_bytes` gathers them into a tensor of their own and returns it.
+
+        compiled_gather: one-block columns may come from compiled code, straight from the NCHW input (`_gathered_columns`):
+        for an inference forward, and a training one that keeps them anyway (stride > 1). Same process, alternated, ours /
+        nn.Conv2d at batch 4 (docs/performance.md, round 24): 128x28 stride 2 forward 1.27 against 1.62, forward+backward
+        1.17 against 1.26. Not for a stride-1 training forward, nor grad_input's forward of the grad: a fresh column
+        buffer beside the one grad_weight gathers made 64x28 forward+backward 1.73-1.84 against 1.62-1.68."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         if _use_phases(input, weight, spec):
             return self._phase_forward(input, weight, bias, spec, (out_height, out_width), keep)
+        if compiled_gather and spec.groups == 1 and gemm.routes_to_onednn(input.dtype) and compiled.takes(input):
+            columns = self._compiled_columns(input, spec, (kernel_h, kernel_w), (out_height, out_width))
+            if columns is not None:
+                output = gemm.mm(columns, _weight_matrix(weight, 1)[0], bias=bias).view(input.shape[0], out_height, out_width, out_channels)
+                keep = keep and keepable(columns.numel(), columns)
+                return output.permute(0, 3, 1, 2), (columns.unsqueeze(0) if keep else None)
         padded = _padded_nhwc(input, spec)
         batch = padded.shape[0]
         if _is_depthwise(weight, spec.groups):
@@ -343,6 +390,16 @@ class Im2col(ConvAlgorithm):
         if bias is not None:
             output += bias
         return output.permute(0, 3, 1, 2), None
+
+    @staticmethod
+    def _compiled_columns(input, spec, kernel, out_hw):
+        """The one-block columns (N*H_out*W_out, kH*kW*C_in), a tensor of their own, from compiled code (`_gathered_columns`),
+        or None: more than one block under the workspace limit, or no compiled code for the problem (yet)."""
+        out_height, out_width = out_hw
+        row_bytes = out_width * kernel[0] * kernel[1] * input.shape[1] * input.element_size()
+        if _block_count(input.shape[0], out_height, row_bytes) != 1:
+            return None
+        return compiled.run(_gathered_columns, input, *spec.padding, *kernel, *spec.stride, *spec.dilation, *out_hw)
 
     @staticmethod
     def _nchw_forward(padded, weight, bias, spec, out_hw):
@@ -473,7 +530,7 @@ class Im2col(ConvAlgorithm):
         grad_input = None
         if correlated:  # the stride-1 grad_input as a forward conv of grad_output with the flipped, transposed kernel
             flipped = spec.with_padding((kernel_h - 1 - top, kernel_h - 1 - bottom, kernel_w - 1 - left, kernel_w - 1 - right))
-            grad_input = self.forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, flipped)
+            grad_input = self._forward(grad_output, weight.flip(2, 3).transpose(0, 1), None, flipped, keep=False)[0]
         elif folded:
             grad_input = _fold_grad_input(grad_output, weight, spec, pad_shape[1:3])[:, :, top : top + height, left : left + width]
         elif need_input:
