@@ -347,10 +347,10 @@ class Im2col(ConvAlgorithm):
         `Limits.kept_for_backward_bytes` gathers them into a tensor of their own and returns it.
 
         compiled_gather: one-block columns may come from compiled code, straight from the NCHW input (`_gathered_columns`):
-        for an inference forward, and a training one that keeps them anyway (stride > 1). Same process, alternated, ours /
-        nn.Conv2d at batch 4 (docs/performance.md, round 24): 128x28 stride 2 forward 1.27 against 1.62, forward+backward
-        1.17 against 1.26. Not for a stride-1 training forward, nor grad_input's forward of the grad: a fresh column
-        buffer beside the one grad_weight gathers made 64x28 forward+backward 1.73-1.84 against 1.62-1.68."""
+        for an inference forward, and a training one that keeps them anyway (stride > 1). Same process, ours / nn.Conv2d at
+        batch 4 (docs/performance.md, round 24): 128x28 stride 2 forward 1.17-1.41 against 1.15-1.52, forward+backward
+        1.15-1.26 against 1.17-1.30. Not for a stride-1 training forward, nor grad_input's forward of the grad: a fresh
+        column buffer beside the one grad_weight gathers made 64x28 forward+backward 1.89-1.90 against 1.63."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
