@@ -346,18 +346,20 @@ class Im2col(ConvAlgorithm):
         """(output, the columns grad_weight can reuse or None); with `keep`, a one-block GEMM forward whose columns fit
         `Limits.kept_for_backward_bytes` gathers them into a tensor of their own and returns it.
 
-        compiled_gather: one-block columns may come from compiled code, straight from the NCHW input (`_gathered_columns`):
-        for an inference forward, and a training one that keeps them anyway (stride > 1). Same process, ours / nn.Conv2d at
-        batch 4 (docs/performance.md, round 24): 128x28 stride 2 forward 1.17-1.41 against 1.15-1.52, forward+backward
-        1.15-1.26 against 1.17-1.30. Not for a stride-1 training forward, nor grad_input's forward of the grad: a fresh
-        column buffer beside the one grad_weight gathers made 64x28 forward+backward 1.89-1.90 against 1.63."""
+        compiled_gather: where the stride is more than 1, one-block columns may come from compiled code, straight from the
+        NCHW input (`_gathered_columns`): for an inference forward, and a training one that keeps them anyway. Same
+        process, ours / nn.Conv2d at batch 4 (docs/performance.md, round 24): 128x28 stride 2 forward 1.17-1.41 against
+        1.15-1.52, forward+backward 1.15-1.26 against 1.17-1.30. Not at stride 1: the gather alone is slower there (64x56,
+        batch 1: 0.23 against 0.155 ms; that layer's inference forward 1.78x against 1.42-1.51x), and in training a fresh
+        column buffer beside the one grad_weight gathers made 64x28 forward+backward 1.89-1.90x against 1.63x."""
         if input.dtype in HALF:  # float32 inside, one rounding at the end (kernels/precision.py)
             return self.forward(*widened(input, weight, bias), spec).to(input.dtype), None
         out_channels, _, kernel_h, kernel_w = weight.shape
         out_height, out_width = spec.output_size(input.shape[2], input.shape[3], kernel_h, kernel_w)
         if _use_phases(input, weight, spec):
             return self._phase_forward(input, weight, bias, spec, (out_height, out_width), keep)
-        if compiled_gather and spec.groups == 1 and gemm.routes_to_onednn(input.dtype) and compiled.takes(input):
+        strided = spec.stride != (1, 1)
+        if compiled_gather and strided and spec.groups == 1 and gemm.routes_to_onednn(input.dtype) and compiled.takes(input):
             columns = self._compiled_columns(input, spec, (kernel_h, kernel_w), (out_height, out_width))
             if columns is not None:
                 output = gemm.mm(columns, _weight_matrix(weight, 1)[0], bias=bias).view(input.shape[0], out_height, out_width, out_channels)
