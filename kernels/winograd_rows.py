@@ -50,9 +50,14 @@ def transformed_input(grid: torch.Tensor, tiles: int) -> torch.Tensor:
     return _input_eager(grid, tiles) if tiles_in is None else tiles_in
 
 
+def _tile_inputs(grid: torch.Tensor, tiles: int) -> list[torch.Tensor]:
+    """d0..d3: the four padded inputs of every tile, each (N, H_pad, tiles, C), [.., t, :] = grid[.., 2t + k, :]."""
+    return [grid[:, :, start : start + 2 * tiles : 2] for start in range(4)]
+
+
 def _input_tiles(grid: torch.Tensor, tiles: int) -> torch.Tensor:
     """`transformed_input` as one expression, for Inductor."""
-    d0, d1, d2, d3 = (grid[:, :, start : start + 2 * tiles : 2] for start in range(4))
+    d0, d1, d2, d3 = _tile_inputs(grid, tiles)
     return torch.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3]).view(4, -1, grid.shape[3])
 
 
@@ -65,7 +70,7 @@ def _padded_input_tiles(source: torch.Tensor, top: int, bottom: int, left: int, 
 
 def _input_eager(grid: torch.Tensor, tiles: int) -> torch.Tensor:
     batch, padded_height, _, channels = grid.shape
-    d0, d1, d2, d3 = (grid[:, :, start : start + 2 * tiles : 2] for start in range(4))
+    d0, d1, d2, d3 = _tile_inputs(grid, tiles)
     shape = (4, batch, padded_height, tiles, channels)  # a scratch buffer: fresh pages cost faults (kernels/workspace.py)
     tiles_out = scratch("winograd_rows_tiles", math.prod(shape), grid).view(shape)
     torch.sub(d0, d2, out=tiles_out[0])
